@@ -1,0 +1,65 @@
+"""The contract between a worker process and its node's agent.
+
+A worker learns where its agent listens from environment variables the agent sets, and sends
+``Report`` records over a Unix datagram socket. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "ENV_FAULT",
+    "ENV_FAULT_MARKER_DIR",
+    "ENV_GENERATION",
+    "ENV_REPORT_SOCKET",
+    "Report",
+]
+
+ENV_REPORT_SOCKET = "STALWART_REPORT_SOCKET"
+"""Path of the agent's Unix datagram socket. Unset: ``report`` only applies fault injection."""
+
+ENV_GENERATION = "STALWART_GENERATION"
+"""Job-wide restart generation of this worker (0 for the first start)."""
+
+ENV_FAULT = "STALWART_FAULT"
+"""Fault-injection spec; see ``stalwart.worker.faults``."""
+
+ENV_FAULT_MARKER_DIR = "STALWART_FAULT_MARKER_DIR"
+"""Directory where fired faults leave a marker so that each fires once per job."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One progress record from a worker: sent by ``stalwart.worker.report``.
+
+    ``time`` is the worker's wall clock (``time.time()``) when the step completed.
+    ``loss`` is ``None`` when the script did not pass one; it may be NaN or infinite.
+    """
+
+    rank: int
+    local_rank: int
+    step: int
+    time: float
+    pid: int
+    generation: int = 0
+    loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        d = asdict(self)
+        # JSON has no NaN/Inf; keep them as strings so the agent sees exactly what the worker saw.
+        if self.loss is not None and not math.isfinite(self.loss):
+            d["loss"] = repr(self.loss)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Report:
+        d: dict[str, Any] = json.loads(data)
+        loss = d.get("loss")
+        if isinstance(loss, str):
+            d["loss"] = float(loss)
+        return cls(**d)
