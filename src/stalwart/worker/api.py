@@ -16,7 +16,10 @@ __all__ = [
     "ENV_FAULT_MARKER_DIR",
     "ENV_GENERATION",
     "ENV_REPORT_SOCKET",
+    "ENV_STACK_DIR",
+    "STACK_DUMP_SIGNAL",
     "Report",
+    "stack_dump_path",
 ]
 
 ENV_REPORT_SOCKET = "STALWART_REPORT_SOCKET"
@@ -63,3 +66,15 @@ class Report:
         if isinstance(loss, str):
             d["loss"] = float(loss)
         return cls(**d)
+
+
+ENV_STACK_DIR = "STALWART_STACK_DIR"
+"""Directory for stack dumps. Workers started by stalwart register ``faulthandler`` on
+``STACK_DUMP_SIGNAL`` (all threads) writing to ``stack_dump_path(dir, rank, pid)``."""
+
+STACK_DUMP_SIGNAL = 10  # SIGUSR1 on Linux
+
+
+def stack_dump_path(stack_dir: str, rank: int, pid: int) -> str:
+    """Where the worker with ``rank`` and ``pid`` writes its stack dump."""
+    return f"{stack_dir}/stacks-rank{rank}-pid{pid}.txt"
