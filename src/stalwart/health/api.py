@@ -125,7 +125,8 @@ class MonitorContext:
 
     ``worker_pids`` maps local rank to pid for the current generation; ``registry`` is the
     agent's Prometheus registry (monitors register their metrics there); ``clock`` returns
-    wall-clock seconds and is injectable for tests.
+    wall-clock seconds and is injectable for tests. ``stack_dir`` is where workers write stack
+    dumps (their ``STALWART_STACK_DIR``); empty means ``<log_dir>/stacks``.
     """
 
     node: str
@@ -136,6 +137,11 @@ class MonitorContext:
     generation: int = 0
     registry: Any = None
     clock: Callable[[], float] = time.time
+    stack_dir: str = ""
+
+    def stacks_path(self) -> str:
+        """The directory of this generation's stack dumps."""
+        return self.stack_dir or f"{self.log_dir}/stacks"
 
 
 @runtime_checkable

@@ -17,6 +17,8 @@ __all__ = [
     "ENV_GENERATION",
     "ENV_REPORT_SOCKET",
     "ENV_STACK_DIR",
+    "METRIC_BUSY",
+    "METRIC_EXITING",
     "STACK_DUMP_SIGNAL",
     "Report",
     "stack_dump_path",
@@ -67,6 +69,12 @@ class Report:
             d["loss"] = float(loss)
         return cls(**d)
 
+
+METRIC_BUSY = "stalwart_busy_seconds"
+"""Report metric sent by ``stalwart.worker.busy(seconds)``: the next step may take that long."""
+
+METRIC_EXITING = "stalwart_exiting"
+"""Report metric sent once when the worker's interpreter exits normally (``atexit``)."""
 
 ENV_STACK_DIR = "STALWART_STACK_DIR"
 """Directory for stack dumps. Workers started by stalwart register ``faulthandler`` on

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from stalwart.errors import ConfigError
 from stalwart.worker.api import ENV_FAULT, ENV_FAULT_MARKER_DIR
 
-__all__ = ["KINDS", "FaultSpec", "on_step", "parse_faults"]
+__all__ = ["KINDS", "FaultSpec", "active", "on_step", "parse_faults"]
 
 KINDS = ("crash", "raise", "hang", "hang_gil", "stop", "nan", "slow")
 _INT_KEYS = {"rank", "step", "exit_code", "signal"}
@@ -162,6 +162,12 @@ def _fire(spec: FaultSpec, step: int, loss: float | None) -> float | None:
         _state.slow = spec
         return loss
     raise AssertionError(f"unhandled fault kind {spec.kind}")
+
+
+def active() -> bool:
+    """True if this process has any fault to inject (``STALWART_FAULT`` is set and not empty)."""
+    _state.ensure()
+    return bool(_state.specs)
 
 
 def on_step(step: int, loss: float | None, rank: int) -> float | None:

@@ -1,19 +1,24 @@
 """``report()``: the training loop's one call into stalwart.
 
-Cheap by design (a few microseconds): one JSON encode and one non-blocking ``sendto`` on a Unix
-datagram socket. If the agent is not listening the report is dropped; training never blocks on it.
+Cheap by design (about 5 µs): the JSON record is formatted by hand around a prefix built once
+per process, and sent with one non-blocking ``sendto`` on a Unix datagram socket. If the agent is
+not listening the report is dropped; training never blocks on it. ``bench/detection.py`` measures
+the cost per call.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import math
 import os
 import socket
 import time
 
 from stalwart.worker import faults
-from stalwart.worker.api import ENV_GENERATION, ENV_REPORT_SOCKET, Report
+from stalwart.worker.api import ENV_GENERATION, ENV_REPORT_SOCKET, METRIC_BUSY, METRIC_EXITING
 
-__all__ = ["report"]
+__all__ = ["busy", "report"]
 
 
 class _Sender:
@@ -24,9 +29,12 @@ class _Sender:
         self.rank = 0
         self.local_rank = 0
         self.generation = 0
+        self.prefix = ""
+        self.last_step = 0
+        self.atexit_pid = -1
 
     def ensure(self) -> None:
-        # Re-initialise after fork (warm standbys fork-free, but user code may fork).
+        # Re-initialise after fork (user code may fork).
         if self.pid == os.getpid():
             return
         self.pid = os.getpid()
@@ -34,6 +42,11 @@ class _Sender:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.generation = int(
             os.environ.get(ENV_GENERATION, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        )
+        # The fields that never change in this process, in Report's wire format (see Report.decode).
+        self.prefix = (
+            f'{{"rank":{self.rank},"local_rank":{self.local_rank},'
+            f'"pid":{self.pid},"generation":{self.generation},'
         )
         self.path = os.environ.get(ENV_REPORT_SOCKET) or None
         if self.sock is not None:
@@ -43,12 +56,25 @@ class _Sender:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.setblocking(False)
             self.sock = sock
+            if self.atexit_pid != self.pid:
+                self.atexit_pid = self.pid
+                atexit.register(_on_exit)
 
-    def send(self, rep: Report) -> None:
+    def send(self, step: int, loss: float | None, metrics: dict[str, float]) -> None:
         if self.sock is None or self.path is None:
             return
+        if loss is None:
+            loss_text = "null"
+        elif math.isfinite(loss):
+            loss_text = repr(loss)
+        else:
+            loss_text = f'"{loss!r}"'  # JSON has no NaN/Inf: Report.decode turns the string back
+        metrics_text = json.dumps(metrics, separators=(",", ":")) if metrics else "{}"
+        data = (
+            f'{self.prefix}"step":{step},"time":{time.time()!r},"loss":{loss_text},"metrics":{metrics_text}}}'
+        )
         try:
-            self.sock.sendto(rep.encode(), self.path)
+            self.sock.sendto(data.encode(), self.path)
         except OSError:
             pass  # agent gone, restarting, or its buffer full: progress reports are best effort
 
@@ -60,21 +86,33 @@ def report(step: int, loss: float | None = None, **metrics: float) -> float | No
     """Tell the node's agent that ``step`` completed, with its loss and any scalar metrics.
 
     Call it once per optimizer step, after the loss is known (pass a Python float: ``loss.item()``).
+    ``step_time=SECONDS`` (compute time of the step, excluding waits in collectives) lets the agent
+    find stragglers in synchronous jobs, where every rank's step interval is the same.
     Returns the loss, possibly replaced by an injected fault (``STALWART_FAULT=nan:...``), so that
     scripts can print the returned value.
     """
     _sender.ensure()
-    loss = faults.on_step(step, loss, _sender.rank)
-    _sender.send(
-        Report(
-            rank=_sender.rank,
-            local_rank=_sender.local_rank,
-            step=step,
-            time=time.time(),
-            pid=_sender.pid,
-            generation=_sender.generation,
-            loss=loss,
-            metrics={k: float(v) for k, v in metrics.items()} if metrics else {},
-        )
-    )
+    if faults.active():
+        loss = faults.on_step(step, loss, _sender.rank)
+    if metrics:
+        metrics = {k: float(v) for k, v in metrics.items()}  # NaN is sent as a bare token; decode accepts it
+    _sender.last_step = int(step)
+    _sender.send(int(step), None if loss is None else float(loss), metrics)
     return loss
+
+
+def busy(seconds: float) -> None:
+    """Tell the agent that the next ``report`` may take up to ``seconds`` (not a hang).
+
+    Call it before a long phase inside the training loop: a blocking checkpoint save, an
+    evaluation, the final save after the last step. The hang monitor waits that long (or its
+    learned timeout, whichever is longer) before it declares a hang.
+    """
+    _sender.ensure()
+    _sender.send(_sender.last_step, None, {METRIC_BUSY: float(seconds)})
+
+
+def _on_exit() -> None:
+    # Interpreter shutdown (torch and NCCL teardown can take seconds) is not a hang.
+    if _sender.pid == os.getpid():
+        _sender.send(_sender.last_step, None, {METRIC_EXITING: 1.0})

@@ -1,0 +1,115 @@
+"""Job-wide state in the rendezvous store: generation, restart budget, and the workers' store.
+
+torchrun counts restarts per agent and lets workers reuse the rendezvous store, so restarted
+workers can read the previous generation's gloo keys (see the feasibility notes, section 2.3).
+Here instead:
+
+* one restart count for the job lives in the rendezvous backend's store (not round-prefixed);
+* every rendezvous round gets a job-wide generation number, agreed by all agents of the round,
+  so a relaunched node agrees with the survivors;
+* the agent of group rank 0 hosts a fresh ``TCPStore`` for the workers of each generation and
+  publishes its address under a generation-specific key: no key can be stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from torch.distributed import PrefixStore, Store, TCPStore
+
+__all__ = ["JobStore"]
+
+logger = logging.getLogger(__name__)
+
+
+def _base_store(store: Store) -> Store:
+    """The store under a rendezvous round's ``PrefixStore`` (job-wide), or the store itself."""
+    while isinstance(store, PrefixStore):
+        store = store.underlying_store
+    return store
+
+
+class JobStore:
+    """Job-wide keys for run ``run_id``, read and written through the rendezvous stores."""
+
+    def __init__(self, run_id: str, timeout: timedelta = timedelta(seconds=300)) -> None:
+        self._prefix = f"stalwart/{run_id}"
+        self._timeout = timeout
+        self._base: Store | None = None
+        self._worker_store: TCPStore | None = None
+
+    def _key(self, name: str) -> str:
+        return f"{self._prefix}/{name}"
+
+    @property
+    def base(self) -> Store:
+        if self._base is None:
+            raise RuntimeError("JobStore used before the first rendezvous")
+        return self._base
+
+    def sync_generation(
+        self, round_store: Store, group_rank: int, group_world_size: int, fresh_round: bool
+    ) -> int:
+        """Agree on the job-wide generation of the round that just completed; returns it.
+
+        With a round-prefixed store (c10d, etcd) group rank 0 draws the next number and publishes it
+        in the round's own namespace. The static backend reuses one namespace and keeps the world
+        size fixed, so there every agent counts joins instead: generation = joins // world size.
+        """
+        self._base = _base_store(round_store)
+        if not fresh_round:
+            joins = self._base.add(self._key("joins"), 1)
+            return (joins - 1) // group_world_size
+        key = "stalwart/generation"
+        if group_rank == 0:
+            generation = self._base.add(self._key("generation"), 1) - 1
+            round_store.set(key, str(generation))
+            return generation
+        round_store.wait([key], self._timeout)
+        return int(round_store.get(key))
+
+    def restarts_used(self) -> int:
+        """The job-wide number of budgeted restarts so far."""
+        return int(self.base.add(self._key("restarts"), 0))
+
+    def restart_claimed(self, generation: int) -> bool:
+        """Whether some agent already counted the restart out of ``generation``."""
+        return self.base.add(self._key(f"restart_claim/{generation}"), 0) > 0
+
+    def claim_restart(self, generation: int) -> tuple[bool, int]:
+        """Count the restart out of ``generation`` once for the whole job.
+
+        Several agents may see the same incident (a crash on one node fails the others' workers);
+        only the first claim increments. Returns (this agent claimed it, restarts used now).
+        """
+        first = self.base.add(self._key(f"restart_claim/{generation}"), 1) == 1
+        used = self.base.add(self._key("restarts"), 1 if first else 0)
+        return first, int(used)
+
+    def host_worker_store(self, round_store: Store, generation: int, host: str) -> tuple[str, int]:
+        """On group rank 0: start a fresh TCPStore for the workers of ``generation`` and publish it."""
+        self.close_worker_store()
+        store = TCPStore(
+            host_name=host,
+            port=0,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=self._timeout,
+            use_libuv=True,
+        )
+        self._worker_store = store
+        round_store.set(f"stalwart/worker_store/{generation}", f"{host}:{store.port}")
+        logger.debug("hosting the workers' store of generation %d on %s:%d", generation, host, store.port)
+        return host, store.port
+
+    def worker_store_address(self, round_store: Store, generation: int) -> tuple[str, int]:
+        """On other ranks: the address group rank 0 published for ``generation``."""
+        key = f"stalwart/worker_store/{generation}"
+        round_store.wait([key], self._timeout)
+        host, _, port = round_store.get(key).decode().rpartition(":")
+        return host, int(port)
+
+    def close_worker_store(self) -> None:
+        # Dropping the last reference stops the TCPStore server.
+        self._worker_store = None

@@ -1,0 +1,520 @@
+"""The public ``Checkpointer``: async save through the memory tier, commit, retention, load_latest.
+
+A save runs in two phases (CheckFreq's snapshot/persist):
+
+1. **snapshot**, in the training loop: one copy of every tensor into a reused staging buffer that
+   is a /dev/shm mapping (the memory tier), pinned when CUDA is present.
+2. **persist**, in one background thread: checksums, the memory-tier commit, the shard file and
+   part record on the durable storage, and on rank 0 the manifest commit and retention.
+
+A failed persist never stops training: it is logged as a warning and counted in
+``stalwart_checkpoint_save_failures_total``. At most ``max_in_flight`` saves persist at once; the
+next ``save`` waits for the oldest. Saves are flushed on SIGTERM and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stalwart.checkpoint.api import (
+    MANIFEST_NAME,
+    RANK_STATE_KEY,
+    CheckpointRef,
+    ChunkEntry,
+    Manifest,
+    PartRecord,
+    Storage,
+    TensorEntry,
+    part_name,
+    shard_name,
+    step_dir,
+)
+from stalwart.checkpoint.format import (
+    Layout,
+    Piece,
+    as_bytes,
+    crc_slices,
+    dtype_to_code,
+    file_entry,
+    flatten,
+    plan_layout,
+)
+from stalwart.checkpoint.loader import Source, load_into, values_json_check
+from stalwart.checkpoint.memory import DEFAULT_SHM_ROOT, MemoryTier, remove_job
+from stalwart.checkpoint.metrics import CheckpointMetrics, checkpoint_metrics
+from stalwart.checkpoint.reshard import local_box, saves_piece
+from stalwart.checkpoint.retention import apply_retention, committed_steps
+from stalwart.checkpoint.storage import open_storage
+from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
+
+__all__ = ["CheckpointConfig", "Checkpointer"]
+
+logger = logging.getLogger(__name__)
+
+_OK, _CORRUPT, _FATAL = 0, 1, 2
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """How a ``Checkpointer`` saves, keeps and finds checkpoints."""
+
+    keep_last: int = 2
+    """Committed checkpoints kept (at least 2, so a corrupt newest one has a fallback)."""
+    keep_every: int = 0
+    """Also keep every step divisible by this (0: none)."""
+    max_in_flight: int = 1
+    """Saves persisting at once; ``save`` blocks for the oldest beyond this."""
+    memory_tier: bool = True
+    """Keep the latest snapshot in /dev/shm so a restarted worker reloads at memory speed."""
+    shm_root: str = DEFAULT_SHM_ROOT
+    job: str | None = None
+    """Names the memory tier's directory; default: a hash of the checkpoint URI."""
+    io_threads: int = 2
+    """Parallel read/write streams per file (S3: at least 8 parts in flight)."""
+    commit_timeout_s: float = 600.0
+    """How long rank 0 waits for every rank's part before giving the save up."""
+    flush_on_sigterm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 2:
+            raise ConfigError(
+                f"keep_last={self.keep_last}: keep at least 2 checkpoints so a corrupt one has a fallback"
+            )
+        if self.keep_every < 0:
+            raise ConfigError(f"keep_every={self.keep_every} must be 0 (off) or a positive step interval")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"max_in_flight={self.max_in_flight} must be at least 1")
+        if self.io_threads < 1:
+            raise ConfigError(f"io_threads={self.io_threads} must be at least 1")
+
+
+class Checkpointer:
+    """Saves and loads training state at ``uri`` (a path, ``file://`` or ``s3://``).
+
+    Construct it on every rank at the same point (it agrees on a save token with one broadcast).
+    ``state`` is a nested dict of tensors (plain or DTensor) and JSON-able values. Plain tensors
+    are taken as replicated and written by rank 0; values under ``"rank_state"`` (RNG states, a
+    data-loader position) are saved by each rank and reloaded by the same rank.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        config: CheckpointConfig | None = None,
+        *,
+        storage: Storage | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        registry: Any = None,
+        **s3_options: Any,
+    ) -> None:
+        self.config = config or CheckpointConfig()
+        self.storage = storage or open_storage(uri, threads=self.config.io_threads, **s3_options)
+        self.uri = uri
+        self._pg = process_group
+        self._dist = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(process_group) if self._dist else 0
+        self.world_size = dist.get_world_size(process_group) if self._dist else 1
+        self._token = self._agree_token()
+        self._metrics: CheckpointMetrics = checkpoint_metrics(registry)
+        self.job = self.config.job or hashlib.sha1(self.storage.uri.encode()).hexdigest()[:12]
+        self._slots = self.config.max_in_flight + 1
+        self.memory: MemoryTier | None = None
+        if self.config.memory_tier:
+            try:
+                self.memory = MemoryTier(self.job, self.rank, self._slots, self.config.shm_root)
+            except OSError as exc:
+                logger.warning("memory tier disabled: cannot use %s (%s)", self.config.shm_root, exc)
+        self._private: dict[int, torch.Tensor] = {}
+        self._pending: deque[Future[CheckpointRef | None]] = deque()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt-io")
+        self._stop = threading.Event()
+        self._seq = 0
+        self._closed = False
+        self.last_error: BaseException | None = None
+        self._prev_sigterm: Any = None
+        atexit.register(self._at_exit)
+        if self.config.flush_on_sigterm and threading.current_thread() is threading.main_thread():
+            self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # -- collectives (main thread only) --------------------------------------------------------
+    def _device(self) -> torch.device:
+        if self._dist and "nccl" in str(dist.get_backend(self._pg)):
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _reduce(self, value: int, op: dist.ReduceOp.RedOpType) -> int:
+        if not self._dist:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._device())
+        dist.all_reduce(t, op=op, group=self._pg)
+        return int(t.item())
+
+    def _agree_token(self) -> str:
+        t = torch.tensor([time.time_ns() ^ (os.getpid() << 20)], dtype=torch.int64)
+        if self._dist:
+            t = t.to(self._device())
+            dist.broadcast(t, src=dist.get_global_rank(self._pg, 0) if self._pg else 0, group=self._pg)
+        return f"{int(t.item()) & 0xFFFFFFFFFFFF:012x}"
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(
+        self, step: int, state: dict[str, Any], *, blocking: bool = False
+    ) -> Future[CheckpointRef | None]:
+        """Snapshot ``state`` now and persist it in the background (or before returning).
+
+        Returns a future of the saved ``CheckpointRef``, or of None when persisting failed (the
+        failure is logged and counted, never raised: training goes on).
+        """
+        if self._closed:
+            raise CheckpointError("save() called after close(): create a new Checkpointer")
+        if step < 0:
+            raise ConfigError(f"checkpoint step {step} must be non-negative")
+        while len(self._pending) >= self.config.max_in_flight:
+            self._pending.popleft().result()
+        started = time.perf_counter()
+        pieces, values = self._collect(state)
+        metadata = {"format": "stalwart", "step": str(step), "rank": str(self.rank)}
+        layout = plan_layout(pieces, metadata)
+        slot = self._seq % self._slots
+        self._seq += 1
+        buf = self._buffer(slot, layout.file_bytes)
+        buf[: len(layout.header)].copy_(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
+        data = buf[len(layout.header) :]
+        on_gpu = False
+        for piece in layout.pieces:
+            src = piece.tensor.detach()
+            on_gpu |= src.device.type == "cuda"
+            dst = data[piece.start : piece.start + piece.nbytes].view(src.dtype).view(src.shape)
+            dst.copy_(src, non_blocking=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        self._metrics.blocking_seconds.observe(time.perf_counter() - started)
+        attempt = f"{self._token}-{self._seq}"
+        future = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt)
+        self._pending.append(future)
+        if blocking:
+            future.result()
+        return future
+
+    def _collect(self, state: dict[str, Any]) -> tuple[list[Piece], dict[str, Any]]:
+        pieces: list[Piece] = []
+        values: dict[str, Any] = {}
+        for leaf in flatten(state):
+            value = leaf.value
+            if not isinstance(value, torch.Tensor):
+                values["/".join(leaf.path)] = value
+                continue
+            if leaf.path[0] == RANK_STATE_KEY:
+                local = value.to_local() if hasattr(value, "to_local") else value
+                shape = tuple(local.shape)
+                pieces.append(Piece(leaf.path, local, shape, (0,) * len(shape), rank=self.rank))
+            elif saves_piece(value, self.rank):
+                local, global_shape, box = local_box(value)
+                pieces.append(Piece(leaf.path, local, global_shape, box.offsets))
+        values_json_check(values)
+        return pieces, values
+
+    def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        if self.memory is not None:
+            try:
+                buf = self.memory.buffer(slot, nbytes)
+                _pin(buf)
+                return buf
+            except CheckpointError as exc:
+                logger.warning("memory tier skipped for this save: %s", exc)
+        current = self._private.get(slot)
+        if current is None or current.numel() != nbytes:
+            current = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            self._private[slot] = current
+        return current
+
+    def _persist(
+        self, step: int, slot: int, layout: Layout, buf: torch.Tensor, values: dict[str, Any], attempt: str
+    ) -> CheckpointRef | None:
+        try:
+            return self._persist_or_raise(step, slot, layout, buf, values, attempt)
+        except Exception as exc:
+            logger.warning(
+                "checkpoint save of step %d to %s failed; training continues from the previous checkpoint: %s",
+                step,
+                self.storage.uri,
+                exc,
+            )
+            self._metrics.save_failures.inc()
+            self.last_error = exc
+            return None
+
+    def _persist_or_raise(
+        self, step: int, slot: int, layout: Layout, buf: torch.Tensor, values: dict[str, Any], attempt: str
+    ) -> CheckpointRef:
+        hlen = len(layout.header)
+        whole = as_bytes(buf)
+        data = whole[hlen:]
+        directory = step_dir(step)
+        name = shard_name(self.rank)
+        ref = CheckpointRef(step, f"{self.storage.uri.rstrip('/')}/{directory}", "durable", committed=True)
+        written: Future[None] | None = None
+        if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+            # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
+            shard = [memoryview(whole)] if layout.pieces else None
+            written = self._io.submit(self._write_shard, f"{directory}/{name}", shard)
+        crcs = [crc_slices(data[p.start : p.start + p.nbytes]) for p in layout.pieces]
+        entry = file_entry(layout, crcs)
+
+        def part(file_name: str | None) -> PartRecord:
+            tensors = [
+                TensorEntry(
+                    path=list(p.path),
+                    dtype=dtype_to_code(p.tensor.dtype),
+                    global_shape=list(p.global_shape),
+                    rank=p.rank,
+                    chunks=[
+                        ChunkEntry(
+                            file=file_name or "",
+                            start=hlen + p.start,
+                            nbytes=p.nbytes,
+                            offsets=list(p.offsets),
+                            shape=list(p.tensor.shape),
+                            crcs=c,
+                        )
+                    ],
+                )
+                for p, c in zip(layout.pieces, crcs, strict=True)
+            ]
+            has_file = file_name is not None and bool(layout.pieces)
+            return PartRecord(
+                step=step,
+                rank=self.rank,
+                world_size=self.world_size,
+                attempt=attempt,
+                file=entry if has_file else None,
+                file_name=file_name if has_file else None,
+                tensors=tensors,
+                values=values,
+            )
+
+        if self.memory is not None and self.memory.holds(slot, buf):
+            self.memory.commit(slot, part(MemoryTier.shard(slot)))
+        if written is None:
+            logger.info(
+                "checkpoint step %d is already committed in %s; not rewriting it", step, self.storage.uri
+            )
+            return ref
+        written.result()
+        self.storage.write_atomic(
+            f"{directory}/{part_name(self.rank)}", part(name).model_dump_json().encode()
+        )
+        if self.rank == 0:
+            self._commit(step, attempt)
+            self._metrics.last_step.set(step)
+            self._retain()
+        self._metrics.saves.inc()
+        return ref
+
+    def _write_shard(self, path: str, buffers: list[memoryview] | None) -> None:
+        if buffers is not None:
+            self.storage.write(path, buffers)
+
+    def _commit(self, step: int, attempt: str) -> None:
+        directory = step_dir(step)
+        deadline = time.monotonic() + self.config.commit_timeout_s
+        parts: dict[int, PartRecord] = {}
+        delay = 0.005
+        while len(parts) < self.world_size:
+            for rank in range(self.world_size):
+                if rank in parts:
+                    continue
+                try:
+                    record = PartRecord.model_validate_json(
+                        self.storage.read(f"{directory}/{part_name(rank)}")
+                    )
+                except (FileNotFoundError, ValueError):
+                    continue
+                if record.attempt == attempt:
+                    parts[rank] = record
+            if len(parts) == self.world_size:
+                break
+            if time.monotonic() > deadline or self._stop.is_set():
+                missing = sorted(set(range(self.world_size)) - set(parts))
+                raise CheckpointError(
+                    f"step {step}: ranks {missing} did not finish writing within {self.config.commit_timeout_s:.0f} s"
+                )
+            self._stop.wait(delay)
+            delay = min(delay * 2, 0.5)
+        merged: dict[tuple[tuple[str, ...], int | None], TensorEntry] = {}
+        files = {}
+        for rank in range(self.world_size):
+            record = parts[rank]
+            if record.file is not None and record.file_name is not None:
+                files[record.file_name] = record.file
+            for t in record.tensors:
+                key = (tuple(t.path), t.rank)
+                if key in merged:
+                    merged[key] = merged[key].model_copy(update={"chunks": merged[key].chunks + t.chunks})
+                else:
+                    merged[key] = t
+        manifest = Manifest(
+            step=step,
+            world_size=self.world_size,
+            attempt=attempt,
+            created_at=time.time(),
+            files=files,
+            tensors=list(merged.values()),
+            values=[parts[r].values for r in range(self.world_size)],
+        )
+        try:
+            self.storage.write_atomic(
+                f"{directory}/{MANIFEST_NAME}", manifest.model_dump_json().encode(), exclusive=True
+            )
+        except FileExistsError:
+            logger.warning(
+                "checkpoint step %d was committed by another save meanwhile; keeping that one", step
+            )
+
+    def _retain(self) -> None:
+        apply_retention(self.storage, self.config.keep_last, self.config.keep_every)
+
+    # -- load ---------------------------------------------------------------------------------
+    def load_latest(self, state: dict[str, Any]) -> int | None:
+        """Load the newest complete, verified checkpoint into ``state`` in place; its step or None.
+
+        Tries the memory tier first (when every rank holds the same newest step), then committed
+        checkpoints newest first, falling back past missing or corrupt files with a warning.
+        Raises ``CheckpointCorrupt`` when checkpoints exist but none loads.
+        """
+        self.wait()
+        started = time.perf_counter()
+        committed, _ = committed_steps(self.storage)
+        newest = self._reduce(committed[-1] if committed else -1, dist.ReduceOp.MAX)
+        mem = self.memory.latest() if self.memory is not None else None
+        mem_step = mem[1].step if mem and mem[1].world_size == self.world_size else -1
+        lo, hi = self._reduce(mem_step, dist.ReduceOp.MIN), self._reduce(mem_step, dist.ReduceOp.MAX)
+        problems: list[str] = []
+        if mem is not None and lo == hi >= 0 and lo >= newest:
+            assert self.memory is not None
+            memory = self.memory
+            part = mem[1]
+            if self._attempt(lambda: Source.from_part("memory", memory.storage, part), state, problems):
+                self._loaded(lo, "memory", started)
+                return lo
+        bound = math.inf
+        while True:
+            own = next((s for s in reversed(committed) if s < bound), -1)
+            step = self._reduce(own, dist.ReduceOp.MIN)
+            if step < 0:
+                break
+            if self._attempt(lambda s=step: self._durable_source(s), state, problems):
+                self._loaded(step, "durable", started)
+                return step
+            bound = step
+        if problems:
+            raise CheckpointCorrupt(
+                f"no checkpoint in {self.storage.uri} could be loaded: " + "; ".join(problems)
+            )
+        return None
+
+    def _durable_source(self, step: int) -> Source:
+        try:
+            raw = self.storage.read(f"{step_dir(step)}/{MANIFEST_NAME}")
+        except FileNotFoundError:
+            raise CheckpointCorrupt(f"checkpoint step {step} has no manifest on this rank") from None
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValueError as exc:
+            raise CheckpointCorrupt(f"the manifest of step {step} is unreadable: {exc}") from None
+        return Source.from_manifest("durable", self.storage, manifest)
+
+    def _attempt(self, make: Callable[[], Source], state: dict[str, Any], problems: list[str]) -> bool:
+        status, error = _OK, None
+        try:
+            source = make()
+            load_into(source, state, self.rank)
+        except CheckpointCorrupt as exc:
+            status, error = _CORRUPT, exc
+        except Exception as exc:
+            status, error = _FATAL, exc
+        worst = self._reduce(status, dist.ReduceOp.MAX)
+        if worst == _FATAL:
+            if error is not None and status == _FATAL:
+                raise error
+            raise CheckpointError("another rank failed to load the checkpoint; see its log")
+        if worst == _CORRUPT:
+            why = str(error) if error is not None else "another rank found a corrupt or missing file"
+            logger.warning("skipping a checkpoint: %s; falling back to an older one", why)
+            problems.append(why)
+            return False
+        return True
+
+    def _loaded(self, step: int, tier: str, started: float) -> None:
+        logger.info(
+            "loaded checkpoint step %d from the %s tier in %.3f s", step, tier, time.perf_counter() - started
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every save in flight has persisted (or failed)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self, *, drop_memory: bool = False) -> None:
+        """Flush saves in flight and release threads; ``drop_memory`` frees the /dev/shm snapshot."""
+        if self._closed:
+            return
+        self.wait()
+        self._closed = True
+        self._stop.set()
+        self._executor.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+        if self.memory is not None:
+            self.memory.close()
+            if drop_memory:
+                remove_job(self.job, self.config.shm_root)
+        close = getattr(self.storage, "close", None)
+        if close is not None:
+            close()
+        atexit.unregister(self._at_exit)
+        if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGTERM, self._prev_sigterm)
+            self._prev_sigterm = None
+
+    def _at_exit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM: flushing %d checkpoint save(s) in flight", len(self._pending))
+        with contextlib.suppress(Exception):
+            self.wait()
+        previous = self._prev_sigterm
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _pin(buf: torch.Tensor) -> None:
+    """Page-lock a shared-memory mapping for fast device copies (CUDA only; once per mapping)."""
+    if not torch.cuda.is_available() or getattr(buf, "_stalwart_pinned", False):
+        return
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if int(err) == 0:
+        buf._stalwart_pinned = True  # type: ignore[attr-defined]

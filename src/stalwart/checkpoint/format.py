@@ -1,0 +1,216 @@
+"""The on-disk format: flattening a state, the safetensors layout of a shard, checksums.
+
+A shard file is a valid safetensors file: an 8-byte little-endian header length, a JSON header
+padded with spaces so the data starts 64-byte aligned, then the raw bytes of every piece, packed
+with no holes. Pieces are ordered by element size (largest first) so each one stays aligned to
+its dtype inside one flat staging buffer. Checksums are crc32c over ``CHUNK_BYTES`` slices of each
+piece, so reads can be verified in parallel, piece by piece.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import google_crc32c._crc32c as _crc  # the C implementation: takes numpy arrays and bytes
+import numpy as np
+import torch
+
+from stalwart.checkpoint.api import FileEntry
+from stalwart.errors import CheckpointCorrupt, CheckpointError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "Layout",
+    "Leaf",
+    "Piece",
+    "as_bytes",
+    "crc_slices",
+    "dtype_from_code",
+    "dtype_to_code",
+    "file_digest",
+    "flatten",
+    "plan_layout",
+]
+
+CHUNK_BYTES = 64 << 20
+_ALIGN = 64
+
+_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+}
+_CODES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+def dtype_to_code(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise CheckpointError(
+            f"tensors of dtype {dtype} cannot be checkpointed; convert them first"
+        ) from None
+
+
+def dtype_from_code(code: str) -> torch.dtype:
+    try:
+        return _CODES[code]
+    except KeyError:
+        raise CheckpointCorrupt(f"unknown dtype {code!r} in a checkpoint header") from None
+
+
+@dataclass(slots=True)
+class Leaf:
+    """One leaf of a nested state: its string path, the container holding it and its key."""
+
+    path: tuple[str, ...]
+    container: Any
+    key: Any
+    value: Any
+
+
+def flatten(state: Any, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
+    """Yield the leaves of a nested dict/list state. Tuples without tensors are one leaf."""
+    if isinstance(state, dict):
+        items: Iterator[tuple[Any, Any]] = iter(state.items())
+    elif isinstance(state, list | tuple):
+        items = iter(enumerate(state))
+    else:
+        raise CheckpointError(f"a checkpoint state must be a dict, got {type(state).__name__}")
+    for key, value in items:
+        path = (*prefix, str(key))
+        if "/" in path[-1]:
+            raise CheckpointError(
+                f"state key {path[-1]!r} contains '/'; rename it (keys are joined with '/')"
+            )
+        if isinstance(value, dict) or (isinstance(value, list | tuple) and _has_tensor(value)):
+            yield from flatten(value, path)
+        else:
+            yield Leaf(path, state, key, value)
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_tensor(v) for v in value)
+    return False
+
+
+@dataclass(slots=True)
+class Piece:
+    """One tensor piece in a shard: a local tensor (or DTensor shard) and where it goes."""
+
+    path: tuple[str, ...]
+    tensor: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    rank: int | None = None
+    start: int = 0  # byte offset in the data section
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path) if self.rank is None else f"{'/'.join(self.path)}@rank{self.rank}"
+
+
+@dataclass(slots=True)
+class Layout:
+    """Where each piece lives in a shard file; reused across saves while the state keeps its shape."""
+
+    pieces: list[Piece]
+    header: bytes
+    data_bytes: int
+    signature: tuple[Any, ...] = field(default=())
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
+def _signature(pieces: Sequence[Piece]) -> tuple[Any, ...]:
+    return tuple(
+        (p.path, p.rank, p.tensor.dtype, tuple(p.tensor.shape), p.global_shape, p.offsets) for p in pieces
+    )
+
+
+def plan_layout(pieces: list[Piece], metadata: dict[str, str]) -> Layout:
+    """Order the pieces, assign byte offsets and build the safetensors header."""
+    ordered = sorted(pieces, key=lambda p: -p.tensor.element_size())  # stable: keeps state order
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for piece in ordered:
+        piece.start = offset
+        header[piece.name] = {
+            "dtype": dtype_to_code(piece.tensor.dtype),
+            "shape": list(piece.tensor.shape),
+            "data_offsets": [offset, offset + piece.nbytes],
+        }
+        offset += piece.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    padded = math.ceil((8 + len(raw)) / _ALIGN) * _ALIGN - 8
+    raw = raw + b" " * (padded - len(raw))
+    return Layout(ordered, struct.pack("<Q", len(raw)) + raw, offset, _signature(ordered))
+
+
+def read_header(prefix: bytes, name: str) -> dict[str, Any]:
+    """Parse a shard header from the first bytes of the file (at least 8 + header length)."""
+    if len(prefix) < 8:
+        raise CheckpointCorrupt(f"{name} is truncated: {len(prefix)} bytes, not even a header length")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > 100 << 20 or len(prefix) < 8 + length:
+        raise CheckpointCorrupt(f"{name} has a bad or truncated header ({length} bytes announced)")
+    try:
+        return json.loads(prefix[8 : 8 + length])
+    except ValueError as exc:
+        raise CheckpointCorrupt(f"{name} has a header that is not JSON: {exc}") from None
+
+
+def as_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A flat uint8 numpy view of a contiguous CPU tensor's memory (no copy)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return flat.view(torch.uint8).numpy()
+
+
+def crc_slices(data: np.ndarray) -> list[int]:
+    """crc32c of each ``CHUNK_BYTES`` slice of ``data``; one value for an empty buffer."""
+    if data.size == 0:
+        return [0]
+    return [int(_crc.value(data[i : i + CHUNK_BYTES])) for i in range(0, data.size, CHUNK_BYTES)]
+
+
+def file_digest(header: bytes, piece_crcs: Sequence[Sequence[int]]) -> int:
+    """The per-file checksum: crc32c of the header, extended with every piece's slice crcs."""
+    crc = int(_crc.value(bytes(header)))
+    packed = b"".join(struct.pack(f"<{len(c)}I", *c) for c in piece_crcs)
+    return int(_crc.extend(crc, packed))
+
+
+def file_entry(layout: Layout, piece_crcs: Sequence[Sequence[int]]) -> FileEntry:
+    return FileEntry(
+        size=layout.file_bytes, crc32c=file_digest(layout.header, piece_crcs), header_bytes=len(layout.header)
+    )

@@ -1,0 +1,261 @@
+"""Loading one checkpoint into a state in place, verifying every byte it reads.
+
+Pieces that match the target exactly are read straight into the target tensor's memory (parallel
+``preadv`` or ranged GETs, no per-tensor deserialisation); others (resharding, GPU targets,
+non-contiguous tensors) go through a temporary buffer and a copy. A missing file, a short file or
+a checksum mismatch raises ``CheckpointCorrupt`` (the caller falls back to an older checkpoint);
+a state that does not match the checkpoint raises ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from stalwart.checkpoint.api import (
+    ChunkEntry,
+    FileEntry,
+    Manifest,
+    PartRecord,
+    Storage,
+    TensorEntry,
+    step_dir,
+)
+from stalwart.checkpoint.format import (
+    as_bytes,
+    crc_slices,
+    dtype_from_code,
+    dtype_to_code,
+    file_digest,
+    flatten,
+)
+from stalwart.checkpoint.reshard import Box, local_box, plan_reads
+from stalwart.errors import CheckpointCorrupt, CheckpointError
+
+__all__ = ["Source", "load_into", "verify_source"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One checkpoint to load: where its files are and what they hold."""
+
+    tier: str
+    step: int
+    storage: Storage
+    prefix: str
+    world_size: int
+    files: dict[str, FileEntry]
+    tensors: list[TensorEntry]
+    values: list[dict[str, Any]]  # per saving rank
+    owner: int | None = None  # memory tier: the only rank whose values are present
+
+    @classmethod
+    def from_manifest(cls, tier: str, storage: Storage, manifest: Manifest) -> Source:
+        return cls(
+            tier,
+            manifest.step,
+            storage,
+            step_dir(manifest.step) + "/",
+            manifest.world_size,
+            manifest.files,
+            manifest.tensors,
+            manifest.values,
+        )
+
+    @classmethod
+    def from_part(cls, tier: str, storage: Storage, part: PartRecord) -> Source:
+        files = {part.file_name: part.file} if part.file and part.file_name else {}
+        return cls(
+            tier, part.step, storage, "", part.world_size, files, part.tensors, [part.values], part.rank
+        )
+
+    def where(self, file: str) -> str:
+        return f"{self.storage.uri.rstrip('/')}/{self.prefix}{file}"
+
+    def values_of(self, rank: int) -> dict[str, Any]:
+        if self.owner is not None:
+            return self.values[0]
+        return self.values[rank % len(self.values)] if self.values else {}
+
+
+def _source_rank(rank: int, world_size: int) -> int:
+    return rank if rank < world_size else rank % world_size
+
+
+def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
+    """Fill ``state`` in place from ``source``; see the module docstring for the errors."""
+    src_rank = _source_rank(rank, source.world_size)
+    by_path: dict[tuple[str, ...], TensorEntry] = {}
+    for entry in source.tensors:
+        if entry.rank is None or entry.rank == src_rank:
+            by_path[tuple(entry.path)] = entry
+    values = source.values_of(src_rank)
+
+    requests: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
+    checks: list[tuple[str, ChunkEntry, np.ndarray]] = []
+    copies: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor, tuple[slice, ...]]] = []
+    setters: list[tuple[Any, Any, Any]] = []
+    seen: set[tuple[str, ...]] = set()
+
+    for leaf in flatten(state):
+        if not isinstance(leaf.value, torch.Tensor):
+            key = "/".join(leaf.path)
+            if key in values:
+                restored = values[key]
+                if isinstance(leaf.value, tuple) and isinstance(restored, list):
+                    restored = tuple(restored)
+                setters.append((leaf.container, leaf.key, restored))
+            continue
+        seen.add(leaf.path)
+        entry = by_path.get(leaf.path)
+        if entry is None:
+            raise CheckpointError(
+                f"checkpoint step {source.step} ({source.tier}) has no tensor {'/'.join(leaf.path)!r}; "
+                "load into a state with the same keys it was saved with"
+            )
+        local, global_shape, box = local_box(leaf.value)
+        if dtype_to_code(local.dtype) != entry.dtype or list(global_shape) != entry.global_shape:
+            raise CheckpointError(
+                f"tensor {'/'.join(leaf.path)!r} is {entry.dtype}{entry.global_shape} in checkpoint step "
+                f"{source.step} but {dtype_to_code(local.dtype)}{list(global_shape)} in the state being loaded"
+            )
+        _plan_tensor(entry, local, box, requests, checks, copies)
+
+    for path, entry in by_path.items():
+        if path not in seen and len(entry.chunks) == 1 and entry.chunks[0].shape == entry.global_shape:
+            fresh = torch.empty(entry.global_shape, dtype=dtype_from_code(entry.dtype))
+            _plan_tensor(
+                entry,
+                fresh,
+                Box((0,) * len(entry.global_shape), tuple(entry.global_shape)),
+                requests,
+                checks,
+                copies,
+            )
+            setters.append(_insert_point(state, path, fresh))
+
+    _read_and_verify(source, requests, checks)
+    for dst, dst_slices, src, src_slices in copies:
+        dst[dst_slices].copy_(src[src_slices])
+    for container, key, value in setters:
+        container[key] = value
+
+
+def _plan_tensor(
+    entry: TensorEntry,
+    local: torch.Tensor,
+    box: Box,
+    requests: dict[str, list[tuple[int, memoryview]]],
+    checks: list[tuple[str, ChunkEntry, np.ndarray]],
+    copies: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor, tuple[slice, ...]]],
+) -> None:
+    dtype = dtype_from_code(entry.dtype)
+    for read in plan_reads(entry, box):
+        chunk = read.chunk
+        if read.whole and local.device.type == "cpu" and local.is_contiguous():
+            buf = as_bytes(local)
+        else:
+            tmp = torch.empty(chunk.shape, dtype=dtype)
+            buf = as_bytes(tmp)
+            copies.append((local, read.dst, tmp, read.src))
+        if buf.size:
+            requests[chunk.file].append((chunk.start, memoryview(buf)))
+        checks.append((chunk.file, chunk, buf))
+
+
+def _insert_point(state: dict[str, Any], path: tuple[str, ...], value: torch.Tensor) -> tuple[Any, Any, Any]:
+    node: Any = state
+    for part in path[:-1]:
+        node = node.setdefault(part, {}) if isinstance(node, dict) else node[int(part)]
+    return node, path[-1], value
+
+
+def _read_and_verify(
+    source: Source,
+    requests: dict[str, list[tuple[int, memoryview]]],
+    checks: Sequence[tuple[str, ChunkEntry, np.ndarray]],
+) -> None:
+    del requests  # every request is one check's buffer: read and verify them together
+    for file in sorted({file for file, _, _ in checks}):
+        _check_header(source, file)
+    # two loaders: one chunk's checksum overlaps the next chunk's read
+    with ThreadPoolExecutor(2, thread_name_prefix="stalwart-load") as pool:
+        jobs = [pool.submit(_read_chunk, source, file, chunk, buf) for file, chunk, buf in checks if buf.size]
+        for job in jobs:
+            job.result()
+
+
+def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray) -> None:
+    try:
+        source.storage.read_into(source.prefix + file, [(chunk.start, memoryview(buf))])
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{source.where(file)} is missing") from None
+    except CheckpointCorrupt:
+        raise
+    except OSError as exc:
+        raise CheckpointCorrupt(f"cannot read {source.where(file)}: {exc}") from None
+    if crc_slices(buf) != chunk.crcs:
+        raise CheckpointCorrupt(
+            f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
+        )
+
+
+def _check_header(source: Source, file: str) -> None:
+    entry = source.files.get(file)
+    if entry is None:
+        raise CheckpointCorrupt(
+            f"checkpoint step {source.step} lists no file {file}: its manifest is damaged"
+        )
+    header = np.empty(entry.header_bytes, dtype=np.uint8)
+    try:
+        source.storage.read_into(source.prefix + file, [(0, memoryview(header))])
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{source.where(file)} is missing") from None
+    crcs = [c.crcs for _, c in _chunks_of(source, file)]
+    if file_digest(header.tobytes(), crcs) != entry.crc32c:
+        raise CheckpointCorrupt(f"{source.where(file)} fails its checksum (header)")
+
+
+def _chunks_of(source: Source, file: str) -> list[tuple[TensorEntry, ChunkEntry]]:
+    found = [(t, c) for t in source.tensors for c in t.chunks if c.file == file]
+    return sorted(found, key=lambda tc: tc[1].start)
+
+
+def verify_source(source: Source) -> list[str]:
+    """Read and check every file of ``source``; the problems found (empty when it is sound)."""
+    problems: list[str] = []
+    for file in sorted(source.files):
+        try:
+            _check_header(source, file)
+            for _, chunk in _chunks_of(source, file):
+                buf = np.empty(chunk.nbytes, dtype=np.uint8)
+                if buf.size:
+                    source.storage.read_into(source.prefix + file, [(chunk.start, memoryview(buf))])
+                if buf.size and crc_slices(buf) != chunk.crcs:
+                    raise CheckpointCorrupt(
+                        f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
+                    )
+        except FileNotFoundError:
+            problems.append(f"{source.where(file)} is missing")
+        except (CheckpointCorrupt, OSError) as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def values_json_check(values: dict[str, Any]) -> None:
+    """Raise a clear error for a non-tensor leaf that JSON cannot hold."""
+    for key, value in values.items():
+        try:
+            json.dumps(value, allow_nan=True)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"state value {key!r} of type {type(value).__name__} is neither a tensor nor JSON-able; "
+                "store it as a tensor, a number, a string, or a list/dict of those"
+            ) from None

@@ -1,0 +1,119 @@
+"""The node-memory tier: staging buffers that are also the latest snapshot, in /dev/shm.
+
+Each rank owns ``/dev/shm/stalwart-<job>/rank-<R>/`` holding ``slot-<K>.safetensors`` files (a
+complete shard file each: header + data) and a ``slot-<K>.json`` part record per slot that is
+committed only once the slot's bytes are final. The training loop's blocking copy writes straight
+into a slot's mapping, so the snapshot costs one memcpy and the memory tier comes for free.
+The files outlive the worker process: a restarted worker on the same node reloads at memory speed.
+
+Cleanup: the files stay until ``Checkpointer.close(drop_memory=True)``, ``stalwart ckpt gc
+--memory``, ``remove_job()``, or a reboot (tmpfs). Slots are reused in turn, so a job holds at most
+``slots`` shard-sized files per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+import torch
+
+from stalwart.checkpoint.api import PartRecord
+from stalwart.checkpoint.storage_posix import PosixStorage
+from stalwart.errors import CheckpointError, ConfigError
+
+__all__ = ["DEFAULT_SHM_ROOT", "MemoryTier", "job_dir", "remove_job"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHM_ROOT = "/dev/shm"
+_JOB = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+def job_dir(job: str, root: str = DEFAULT_SHM_ROOT) -> str:
+    if not _JOB.match(job):
+        raise ConfigError(f"checkpoint job id {job!r} must be 1-100 letters, digits, '_', '.' or '-'")
+    return os.path.join(root, f"stalwart-{job}")
+
+
+def remove_job(job: str, root: str = DEFAULT_SHM_ROOT) -> None:
+    """Free every memory-tier snapshot of ``job`` on this node."""
+    shutil.rmtree(job_dir(job, root), ignore_errors=True)
+
+
+class MemoryTier:
+    """One rank's shared-memory slots."""
+
+    tier = "memory"
+
+    def __init__(self, job: str, rank: int, slots: int, root: str = DEFAULT_SHM_ROOT) -> None:
+        self.dir = os.path.join(job_dir(job, root), f"rank-{rank:05d}")
+        os.makedirs(self.dir, exist_ok=True)
+        self.slots = slots
+        # tmpfs has nothing to flush: rename alone makes the marker atomic
+        self.storage = PosixStorage(self.dir, threads=2, fsync=False)
+        self._maps: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def shard(slot: int) -> str:
+        return f"slot-{slot}.safetensors"
+
+    @staticmethod
+    def marker(slot: int) -> str:
+        return f"slot-{slot}.json"
+
+    def buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor mapping the slot's file, ``nbytes`` long. Invalidates the slot first."""
+        self.invalidate(slot)
+        current = self._maps.get(slot)
+        if current is not None and current.numel() == nbytes:
+            return current
+        self._maps.pop(slot, None)
+        path = os.path.join(self.dir, self.shard(slot))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            # reserve every page now: a full tmpfs must fail here, not SIGBUS in the copy
+            os.posix_fallocate(fd, 0, max(nbytes, 1))
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            raise CheckpointError(
+                f"cannot reserve {nbytes} bytes in {self.dir} for the memory tier ({exc.strerror}); "
+                "enlarge /dev/shm or disable the memory tier"
+            ) from exc
+        os.close(fd)
+        mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        self._maps[slot] = mapped
+        return mapped
+
+    def holds(self, slot: int, buf: torch.Tensor) -> bool:
+        """Whether ``buf`` is the current mapping of ``slot`` (not a private fallback buffer)."""
+        return self._maps.get(slot) is buf
+
+    def invalidate(self, slot: int) -> None:
+        self.storage.delete(self.marker(slot))
+
+    def commit(self, slot: int, part: PartRecord) -> None:
+        self.storage.write_atomic(self.marker(slot), part.model_dump_json().encode())
+
+    def latest(self) -> tuple[int, PartRecord] | None:
+        """The committed slot with the highest step, with its part record."""
+        best: tuple[int, PartRecord] | None = None
+        for slot in range(self.slots):
+            try:
+                part = PartRecord.model_validate_json(self.storage.read(self.marker(slot)))
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                logger.warning("ignoring unreadable memory-tier record %s/%s", self.dir, self.marker(slot))
+                continue
+            if best is None or part.step > best[1].step:
+                best = (slot, part)
+        return best
+
+    def close(self) -> None:
+        self._maps.clear()
+        self.storage.close()

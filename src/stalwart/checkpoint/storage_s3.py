@@ -1,0 +1,250 @@
+"""S3 storage through boto3: parallel multipart uploads, parallel ranged GETs, conditional commits.
+
+Data files go up as multipart uploads of ``part_size`` parts, ``threads`` at a time (aborted on
+failure so no orphaned parts stay billed); reads are ranged GETs of ``part_size`` in parallel.
+botocore's standard retry mode retries 500/503/SlowDown and throttling with exponential backoff.
+Commit records use ``If-None-Match: *`` when ``exclusive``: S3 (and SeaweedFS) then refuse to
+overwrite an existing manifest, the object-store equivalent of an atomic create.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
+
+__all__ = ["S3Storage"]
+
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
+
+
+class S3Storage:
+    """A ``Storage`` under ``s3://bucket/prefix``."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        threads: int = 8,
+        part_size: int = 32 << 20,
+        endpoint_url: str | None = None,
+        client: Any = None,
+        max_attempts: int = 8,
+        **client_kwargs: Any,
+    ) -> None:
+        if not uri.startswith(("s3://", "s3a://")):
+            raise ConfigError(f"{uri!r} is not an s3:// URI")
+        bucket, _, prefix = uri.split("://", 1)[1].partition("/")
+        if len(bucket) < 3:
+            raise ConfigError(f"S3 bucket name {bucket!r} in {uri!r} is too short (3-63 characters)")
+        if part_size < 5 << 20:
+            raise ConfigError(f"S3 part_size={part_size} is below S3's 5 MiB minimum part")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.part_size = part_size
+        config = Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=max(10, threads * 2),
+            connect_timeout=10,
+            read_timeout=120,
+        )
+        self._s3 = client or boto3.client("s3", endpoint_url=endpoint_url, config=config, **client_kwargs)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="stalwart-s3")
+        self._call("head_bucket", self.uri, Bucket=bucket)
+
+    def _key(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def _call(self, op: str, what: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._s3, op)(**kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket",) or (op == "head_bucket" and status == 404):
+                raise CheckpointError(
+                    f"S3 bucket {self.bucket!r} does not exist: create it or fix the URI"
+                ) from None
+            if code in _DENIED or status == 403:
+                raise CheckpointError(
+                    f"access to {what} was denied ({code}): check the AWS credentials and the bucket policy"
+                ) from None
+            if code in _MISSING or status == 404:
+                raise FileNotFoundError(what) from None
+            if code in ("PreconditionFailed", "412") or status == 412:
+                raise FileExistsError(what) from None
+            if code == "InvalidRange" or status == 416:
+                raise CheckpointCorrupt(f"{what} is truncated: a ranged read went past its end") from None
+            raise CheckpointError(f"S3 {op} on {what} failed: {code or status}: {exc}") from None
+        except NoCredentialsError:
+            raise CheckpointError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+            ) from None
+        except EndpointConnectionError as exc:
+            raise CheckpointError(f"cannot reach the S3 endpoint for {what}: {exc}") from None
+        except BotoCoreError as exc:
+            raise CheckpointError(f"S3 {op} on {what} failed: {exc}") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def write(self, path: str, buffers: Sequence[memoryview]) -> None:
+        views = [memoryview(b).cast("B") for b in buffers]
+        total = sum(len(v) for v in views)
+        key = self._key(path)
+        what = f"s3://{self.bucket}/{key}"
+        if total <= self.part_size:
+            self._call("put_object", what, Bucket=self.bucket, Key=key, Body=_gather(views, 0, total))
+            return
+        upload = self._call("create_multipart_upload", what, Bucket=self.bucket, Key=key)["UploadId"]
+        try:
+            ranges = [
+                (i + 1, start, min(start + self.part_size, total))
+                for i, start in enumerate(range(0, total, self.part_size))
+            ]
+            jobs = [
+                self._pool.submit(
+                    self._call,
+                    "upload_part",
+                    what,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload,
+                    PartNumber=number,
+                    Body=_gather(views, start, end),
+                )
+                for number, start, end in ranges
+            ]
+            parts = [
+                {"PartNumber": n, "ETag": job.result()["ETag"]}
+                for (n, _, _), job in zip(ranges, jobs, strict=True)
+            ]
+            self._call(
+                "complete_multipart_upload",
+                what,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            try:
+                self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+            except Exception:
+                pass  # the bucket's lifecycle rule (or `stalwart ckpt gc`) removes it later
+            raise
+
+    def write_atomic(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
+        key = self._key(path)
+        extra = {"IfNoneMatch": "*"} if exclusive else {}
+        self._call("put_object", f"s3://{self.bucket}/{key}", Bucket=self.bucket, Key=key, Body=data, **extra)
+
+    def read(self, path: str) -> bytes:
+        key = self._key(path)
+        return self._call("get_object", f"s3://{self.bucket}/{key}", Bucket=self.bucket, Key=key)[
+            "Body"
+        ].read()
+
+    def read_into(self, path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
+        key = self._key(path)
+        what = f"s3://{self.bucket}/{key}"
+        jobs = []
+        for offset, buf in requests:
+            view = memoryview(buf).cast("B")
+            for i in range(0, len(view), self.part_size):
+                jobs.append(
+                    self._pool.submit(self._get_range, key, what, offset + i, view[i : i + self.part_size])
+                )
+        for job in jobs:
+            job.result()
+
+    def _get_range(self, key: str, what: str, offset: int, view: memoryview) -> None:
+        end = offset + len(view) - 1
+        body = self._call("get_object", what, Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{end}")[
+            "Body"
+        ]
+        data = body.read()
+        if len(data) != len(view):
+            raise CheckpointCorrupt(
+                f"{what} is truncated: wanted {len(view)} bytes at {offset}, got {len(data)}"
+            )
+        view[:] = data
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._key(prefix).rstrip("/")
+        base = f"{base}/" if base else ""
+        names: list[str] = []
+        token: dict[str, str] = {}
+        while True:
+            page = self._call(
+                "list_objects_v2",
+                f"s3://{self.bucket}/{base}",
+                Bucket=self.bucket,
+                Prefix=base,
+                Delimiter="/",
+                **token,
+            )
+            names += [p["Prefix"][len(base) :] for p in page.get("CommonPrefixes", [])]
+            names += [o["Key"][len(base) :] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(n for n in names if n)
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def exists(self, path: str) -> bool:
+        key = self._key(path)
+        try:
+            self._call("head_object", f"s3://{self.bucket}/{key}", Bucket=self.bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete(self, prefix: str) -> None:
+        key = self._key(prefix).rstrip("/")
+        keys = [key]
+        token: dict[str, str] = {}
+        while True:
+            page = self._call("list_objects_v2", key, Bucket=self.bucket, Prefix=key + "/", **token)
+            keys += [o["Key"] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                break
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self._call("delete_objects", key, Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def abort_uploads(self, prefix: str = "") -> int:
+        """Abort multipart uploads left under ``prefix`` by crashed saves; how many were aborted."""
+        key = self._key(prefix)
+        page = self._call("list_multipart_uploads", key, Bucket=self.bucket, Prefix=key)
+        uploads = page.get("Uploads", [])
+        for up in uploads:
+            self._call(
+                "abort_multipart_upload",
+                up["Key"],
+                Bucket=self.bucket,
+                Key=up["Key"],
+                UploadId=up["UploadId"],
+            )
+        return len(uploads)
+
+
+def _gather(views: Sequence[memoryview], start: int, end: int) -> bytes:
+    """The bytes [start, end) of the concatenation of ``views``."""
+    out = bytearray()
+    pos = 0
+    for view in views:
+        lo, hi = max(start, pos), min(end, pos + len(view))
+        if lo < hi:
+            out += view[lo - pos : hi - pos]
+        pos += len(view)
+        if pos >= end:
+            break
+    return bytes(out)

@@ -1,0 +1,80 @@
+"""One local node, detached: ``python -m stalwart.job.node NODE_DIR -- ARGV...``.
+
+The process daemonizes (fork, ``setsid``) so the node outlives the CLI that started it and is
+never left a zombie of it, writes ``pid`` into NODE_DIR, runs ARGV (the agent) as its child,
+forwards SIGTERM/SIGINT/SIGHUP to it, and on exit writes ``exit.json`` with the return code. The
+local backend reads those two files; it never has to be the parent. Only the standard library
+is imported here, so a node costs no torch import before its agent starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PID_FILE = "pid"
+EXIT_FILE = "exit.json"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _supervise(node_dir: str, argv: list[str]) -> int:
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        print(f"stalwart: cannot start {argv[0]!r}: {exc}", file=sys.stderr, flush=True)
+        rc = 127
+    else:
+
+        def forward(signum: int, _frame: object) -> None:
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, forward)
+        while True:
+            try:
+                rc = child.wait()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
+                continue
+    record = {"returncode": rc, "finished_at": time.time()}
+    _write_atomic(os.path.join(node_dir, EXIT_FILE), json.dumps(record))
+    return 0 if rc == 0 else 1
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m stalwart.job.node NODE_DIR -- ARGV...", file=sys.stderr)
+        return 2
+    node_dir, command = argv[0], argv[2:]
+    pid = os.fork()
+    if pid > 0:
+        # The intermediate parent records the daemon's pid, then exits so its caller reaps it.
+        _write_atomic(os.path.join(node_dir, PID_FILE), str(pid))
+        os._exit(0)
+    os.setsid()
+    code = 1
+    try:
+        code = _supervise(node_dir, command)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

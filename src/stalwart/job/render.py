@@ -1,0 +1,309 @@
+"""Kubernetes manifests for a job, one renderer per flavour; every pod runs ``stalwart run``.
+
+========== ==================================================================== ======================
+flavour    objects                                                               rendezvous endpoint
+========== ==================================================================== ======================
+hyperpod   HyperPodPyTorchJob (sagemaker.amazonaws.com/v1, the shape ``hyp``      <job>-pod-0.<job>
+           renders) + headless Service
+pytorchjob PyTorchJob (kubeflow.org/v1), Worker replicas, elasticPolicy c10d      <job>-worker-0
+jobset     JobSet (jobset.x-k8s.io/v1alpha2), one indexed Job, DNS hostnames      <job>-node-0-0.<job>
+batch      indexed batch/v1 Job + headless Service (no operator needed)           <job>-0.<job>
+========== ==================================================================== ======================
+
+``rendezvous.endpoint`` in the spec replaces the default. Renderers are pure: spec in, list of
+plain dicts out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stalwart.job.command import hyperpod_rule, job_env, run_args
+from stalwart.job.spec import JobSpec
+
+__all__ = ["LABEL_JOB", "LABEL_MANAGED", "RENDERERS", "endpoint", "render"]
+
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+LABEL_JOB = "stalwart.dev/job"
+LABEL_FLAVOUR = "stalwart.dev/flavour"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
+KUEUE_PREFERRED = "kueue.x-k8s.io/podset-preferred-topology"
+KUEUE_REQUIRED = "kueue.x-k8s.io/podset-required-topology"
+GPU = "nvidia.com/gpu"
+EFA = "vpc.amazonaws.com/efa"
+
+Manifest = dict[str, Any]
+
+
+def _labels(spec: JobSpec) -> dict[str, str]:
+    labels = {LABEL_MANAGED: "stalwart", LABEL_JOB: spec.name, LABEL_FLAVOUR: spec.kubernetes.flavour}
+    if spec.scheduling.queue:
+        labels[KUEUE_QUEUE] = spec.scheduling.queue
+    if spec.scheduling.priority:
+        labels[KUEUE_PRIORITY] = spec.scheduling.priority
+    return labels
+
+
+def _pod_annotations(spec: JobSpec) -> dict[str, str]:
+    ann = {}
+    if spec.scheduling.topology.preferred:
+        ann[KUEUE_PREFERRED] = spec.scheduling.topology.preferred
+    if spec.scheduling.topology.required:
+        ann[KUEUE_REQUIRED] = spec.scheduling.topology.required
+    return ann
+
+
+def _meta(spec: JobSpec, name: str | None = None) -> dict[str, Any]:
+    return {"name": name or spec.name, "namespace": spec.kubernetes.namespace, "labels": _labels(spec)}
+
+
+def endpoint(spec: JobSpec) -> str:
+    """The c10d rendezvous endpoint the pods of ``spec``'s flavour use."""
+    if spec.rendezvous.endpoint:
+        return spec.rendezvous.endpoint
+    name, port = spec.name, spec.rendezvous.port
+    host = {
+        "hyperpod": f"{name}-pod-0.{name}",
+        "pytorchjob": f"{name}-worker-0",
+        "jobset": f"{name}-node-0-0.{name}",
+        "batch": f"{name}-0.{name}",
+    }[spec.kubernetes.flavour]
+    return f"{host}:{port}"
+
+
+def _resources(spec: JobSpec) -> dict[str, Any]:
+    r = spec.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if r.gpus:
+        requests[GPU] = limits[GPU] = str(r.gpus)
+    if r.efa:
+        requests[EFA] = limits[EFA] = str(r.efa)
+    if r.cpu:
+        requests["cpu"] = r.cpu
+    if r.memory:
+        requests["memory"] = limits["memory"] = r.memory
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _container(spec: JobSpec, name: str) -> dict[str, Any]:
+    env = [{"name": k, "value": v} for k, v in job_env(spec).items()]
+    env.append({"name": "STALWART_NODE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+    mounts = [
+        {"name": v.name, "mountPath": v.mount_path, **({"readOnly": True} if v.read_only else {})}
+        for v in spec.volumes
+    ]
+    if spec.resources.shm:
+        mounts.append({"name": "stalwart-dshm", "mountPath": "/dev/shm"})
+    c: dict[str, Any] = {
+        "name": name,
+        "image": spec.image or "",
+        "command": ["stalwart", "run"],
+        # $(STALWART_NODE) is expanded by the kubelet from the env below: the pod's name.
+        "args": run_args(spec, endpoint=endpoint(spec), node_name="$(STALWART_NODE)"),
+        "env": env,
+        "ports": [{"name": "rdzv", "containerPort": spec.rendezvous.port, "protocol": "TCP"}],
+    }
+    if spec.kubernetes.image_pull_policy:
+        c["imagePullPolicy"] = spec.kubernetes.image_pull_policy
+    if mounts:
+        c["volumeMounts"] = mounts
+    res = _resources(spec)
+    if res:
+        c["resources"] = res
+    return c
+
+
+def _pod_spec(spec: JobSpec, container: str, *, restart_policy: str | None, subdomain: str | None) -> dict:
+    pod: dict[str, Any] = {"containers": [_container(spec, container)]}
+    if restart_policy:
+        pod["restartPolicy"] = restart_policy
+    if subdomain:
+        pod["subdomain"] = subdomain
+    selector = dict(spec.scheduling.node_selector)
+    if spec.scheduling.instance_type:
+        selector["node.kubernetes.io/instance-type"] = spec.scheduling.instance_type
+    if selector:
+        pod["nodeSelector"] = selector
+    if spec.scheduling.scheduler_name:
+        pod["schedulerName"] = spec.scheduling.scheduler_name
+    if spec.scheduling.service_account:
+        pod["serviceAccountName"] = spec.scheduling.service_account
+    volumes: list[dict[str, Any]] = []
+    for v in spec.volumes:
+        if v.host_path is not None:
+            volumes.append({"name": v.name, "hostPath": {"path": v.host_path}})
+        else:
+            pvc: dict[str, Any] = {"claimName": v.pvc}
+            if v.read_only:
+                pvc["readOnly"] = True
+            volumes.append({"name": v.name, "persistentVolumeClaim": pvc})
+    if spec.resources.shm:
+        volumes.append(
+            {"name": "stalwart-dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm}}
+        )
+    if volumes:
+        pod["volumes"] = volumes
+    return pod
+
+
+def _pod_template(
+    spec: JobSpec, container: str, *, restart_policy: str | None, subdomain: str | None
+) -> dict:
+    meta: dict[str, Any] = {"labels": _labels(spec)}
+    ann = _pod_annotations(spec)
+    if ann:
+        meta["annotations"] = ann
+    return {
+        "metadata": meta,
+        "spec": _pod_spec(spec, container, restart_policy=restart_policy, subdomain=subdomain),
+    }
+
+
+def _headless_service(spec: JobSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(spec),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB: spec.name},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rdzv", "port": spec.rendezvous.port, "targetPort": spec.rendezvous.port}],
+        },
+    }
+
+
+def render_hyperpod(spec: JobSpec) -> list[Manifest]:
+    """A ``HyperPodPyTorchJob`` in the shape ``hyp create hyp-pytorch-job`` (template 1.1) renders."""
+    meta = _meta(spec)
+    ann = _pod_annotations(spec)
+    if ann:
+        meta["annotations"] = ann
+    template = _pod_template(spec, "pytorch-job-container", restart_policy=None, subdomain=spec.name)
+    # hyp names the pod template and asks for zero GPUs explicitly on CPU jobs; do the same.
+    template["metadata"] = {"name": spec.name, "namespace": spec.kubernetes.namespace, **template["metadata"]}
+    if not spec.resources.gpus:
+        res = template["spec"]["containers"][0].setdefault("resources", {})
+        res.setdefault("requests", {})[GPU] = "0"
+        res.setdefault("limits", {})[GPU] = "0"
+    replica: dict[str, Any] = {"name": "pod", "replicas": spec.nodes.max, "template": template}
+    if spec.spares:
+        replica["spares"] = spec.spares
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "jobMaxRetryCount": spec.restart.max_restarts}
+    rules = [hyperpod_rule(r, integer_threshold=True) for r in spec.health.log_rules]  # CRD: integer
+    if rules:
+        run_policy["logMonitoringConfiguration"] = rules
+    body: dict[str, Any] = {
+        "nprocPerNode": str(spec.nproc_per_node),
+        "replicaSpecs": [replica],
+        "runPolicy": run_policy,
+    }
+    if spec.nodes.min != spec.nodes.max:
+        replica["maxReplicas"] = spec.nodes.max
+        body["elasticPolicy"] = {"minReplicas": spec.nodes.min, "maxReplicas": spec.nodes.max}
+    job = {
+        "apiVersion": "sagemaker.amazonaws.com/v1",
+        "kind": "HyperPodPyTorchJob",
+        "metadata": meta,
+        "spec": body,
+    }
+    return [_headless_service(spec), job]
+
+
+def render_pytorchjob(spec: JobSpec) -> list[Manifest]:
+    """A Kubeflow ``PyTorchJob`` with Worker replicas only and an elastic c10d policy."""
+    template = _pod_template(spec, "pytorch", restart_policy=None, subdomain=None)
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": spec.restart.max_restarts}
+    if spec.scheduling.queue or spec.scheduling.priority:
+        sched: dict[str, Any] = {}
+        if spec.scheduling.queue:
+            sched["queue"] = spec.scheduling.queue
+        if spec.scheduling.priority:
+            sched["priorityClass"] = spec.scheduling.priority
+        run_policy["schedulingPolicy"] = sched
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _meta(spec),
+        "spec": {
+            "nprocPerNode": str(spec.nproc_per_node),
+            "elasticPolicy": {
+                "rdzvBackend": "c10d",
+                "rdzvPort": spec.rendezvous.port,
+                "minReplicas": spec.nodes.min,
+                "maxReplicas": spec.nodes.max,
+                "maxRestarts": spec.restart.max_restarts,
+            },
+            "pytorchReplicaSpecs": {
+                "Worker": {"replicas": spec.nodes.max, "restartPolicy": "OnFailure", "template": template}
+            },
+            "runPolicy": run_policy,
+        },
+    }
+    return [job]
+
+
+def render_jobset(spec: JobSpec) -> list[Manifest]:
+    """A ``JobSet`` with one indexed Job of ``nodes.max`` pods, reachable by DNS hostname."""
+    n = spec.nodes.max
+    template = _pod_template(spec, "stalwart", restart_policy="Never", subdomain=None)
+    job_template = {
+        "metadata": {"labels": _labels(spec)},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": n,
+            "parallelism": n,
+            "backoffLimit": spec.restart.max_restarts,
+            "template": template,
+        },
+    }
+    jobset = {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": _meta(spec),
+        "spec": {
+            "network": {"enableDNSHostnames": True, "subdomain": spec.name, "publishNotReadyAddresses": True},
+            "failurePolicy": {"maxRestarts": 0},
+            "replicatedJobs": [{"name": "node", "replicas": 1, "template": job_template}],
+        },
+    }
+    return [jobset]
+
+
+def render_batch(spec: JobSpec) -> list[Manifest]:
+    """An indexed ``batch/v1`` Job plus the headless Service that names its pods."""
+    n = spec.nodes.max
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(spec),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": n,
+            "parallelism": n,
+            "backoffLimit": spec.restart.max_restarts,
+            "template": _pod_template(spec, "stalwart", restart_policy="Never", subdomain=spec.name),
+        },
+    }
+    return [_headless_service(spec), job]
+
+
+RENDERERS: dict[str, Callable[[JobSpec], list[Manifest]]] = {
+    "hyperpod": render_hyperpod,
+    "pytorchjob": render_pytorchjob,
+    "jobset": render_jobset,
+    "batch": render_batch,
+}
+
+
+def render(spec: JobSpec) -> list[Manifest]:
+    """Every object ``spec`` needs on Kubernetes, in creation order."""
+    return RENDERERS[spec.kubernetes.flavour](spec)

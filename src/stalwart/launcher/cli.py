@@ -1,0 +1,91 @@
+"""``stalwart run``: parse torchrun's flags and ours, build the node's agent, run it.
+
+Exit codes are those of ``stalwart.agent.policy`` (0 ok, 1 failed, 2 usage, 3 user error,
+4 script failed, 75 replace node, 128+N signal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import click
+
+__all__ = ["main", "run"]
+
+
+@click.command(
+    name="run",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    add_help_option=False,
+)
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def run(argv: tuple[str, ...]) -> None:
+    """Run a training script: a drop-in for torchrun (see ``stalwart run --help``)."""
+    sys.exit(main(argv))
+
+
+def main(argv: Sequence[str]) -> int:
+    """Parse ``argv`` and run this node's agent as (possibly) PID 1; returns the exit code."""
+    # Imports are here so that `stalwart --help` and `stalwart job` do not import torch.
+    from torch.distributed.elastic.agent.server.api import WorkerSpec
+    from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
+    from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+
+    from stalwart.agent.agent import StalwartAgent
+    from stalwart.launcher.args import build_config, parse
+    from stalwart.launcher.netenv import configure_network_env
+    from stalwart.launcher.pid1 import run_as_init
+
+    logging.basicConfig(
+        level=os.environ.get("LOGLEVEL", "WARNING").upper(),
+        format="[stalwart %(levelname)s %(name)s] %(message)s",
+    )
+    args = parse(argv)
+    worker_env = dict(os.environ)
+    effective = configure_network_env(worker_env)
+    config = build_config(args, os.environ, worker_env)
+    if effective:
+        shown = " ".join(f"{k}={v}" for k, v in sorted(effective.items()))
+        print(f"[stalwart {config.node}] network env: {shown}", file=sys.stderr, flush=True)
+    print(f"[stalwart {config.node}] log dir: {config.log_dir}", file=sys.stderr, flush=True)
+    # Workers get a fresh store per generation from us; the rendezvous store stays the agents' own.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+
+    def agent_main() -> int:
+        params = RendezvousParameters(
+            backend=config.rdzv_backend,
+            endpoint=config.rdzv_endpoint,
+            run_id=config.run_id,
+            min_nodes=config.min_nodes,
+            max_nodes=config.max_nodes,
+            local_addr=config.local_addr,
+            **config.rdzv_configs,
+        )
+        try:
+            handler = rdzv_registry.get_rendezvous_handler(params)
+        except (RendezvousError, ValueError) as exc:
+            print(
+                f"stalwart: error: cannot reach the {config.rdzv_backend} rendezvous at "
+                f"{config.rdzv_endpoint!r}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+        static = config.rdzv_backend == "static"
+        spec = WorkerSpec(
+            role=config.role,
+            local_world_size=config.nproc_per_node,
+            rdzv_handler=handler,
+            entrypoint=config.entrypoint,
+            args=config.args,
+            max_restarts=config.max_restarts,
+            monitor_interval=config.monitor_interval,
+            master_addr=config.master_addr if static else None,
+            master_port=config.master_port if static else None,
+            local_addr=config.local_addr,
+        )
+        return StalwartAgent(config, spec).execute()
+
+    return run_as_init(agent_main)

@@ -1,0 +1,287 @@
+"""Checkpointer: round trips, async snapshots, retention, fallback past damage, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from stalwart.checkpoint import CheckpointConfig, Checkpointer, committed_steps, open_storage
+from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
+
+
+def _state(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {
+            "w": torch.randn(64, 32, generator=g),
+            "b": torch.randn(32, generator=g).to(torch.bfloat16),
+        },
+        "optim": {
+            "state": {"w": {"exp_avg": torch.randn(64, 32, generator=g)}},
+            "param_groups": [{"lr": 0.1 * seed}],
+        },
+        "step": seed,
+        "rank_state": {"rng": torch.get_rng_state(), "loader": {"epoch": 1, "offset": seed * 10}},
+    }
+
+
+def _zeros_like(state: dict[str, Any]) -> dict[str, Any]:
+    def z(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return torch.zeros_like(v)
+        if isinstance(v, dict):
+            return {k: z(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [z(x) for x in v]
+        return None
+
+    return z(state)
+
+
+def _assert_same(a: Any, b: Any) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def _cfg(config: CheckpointConfig, **changes: Any) -> CheckpointConfig:
+    fields = {f: getattr(config, f) for f in config.__slots__}  # type: ignore[attr-defined]
+    return CheckpointConfig(**{**fields, **changes})
+
+
+def test_save_then_load_latest_restores_every_tensor_and_value_in_place(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    ck.save(5, _state(5))
+    ck.save(7, _state(7))
+    ck.wait()
+    target = _zeros_like(_state(0))
+    w = target["model"]["w"]
+    assert ck.load_latest(target) == 7
+    _assert_same(target, _state(7))
+    assert target["model"]["w"] is w  # in place
+    ck.close()
+
+
+def test_load_latest_with_no_checkpoint_returns_none(tmp_path: Path, config: CheckpointConfig) -> None:
+    ck = Checkpointer(str(tmp_path / "empty"), config)
+    assert ck.load_latest(_zeros_like(_state(0))) is None
+    ck.close()
+
+
+def test_save_blocks_only_for_the_snapshot_later_changes_are_not_saved(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    state = _state(1)
+    expected = state["model"]["w"].clone()
+    future = ck.save(1, state)
+    state["model"]["w"].add_(100)  # the training step goes on while the save persists
+    assert future.result() is not None
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 1
+    assert torch.equal(target["model"]["w"], expected)
+    ck.close()
+
+
+def test_memory_tier_is_preferred_and_the_durable_tier_holds_the_same_step(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    ck = Checkpointer(str(tmp_path / "ck"), config)
+    ck.save(3, _state(3), blocking=True)
+    caplog.set_level(logging.INFO, logger="stalwart.checkpoint")
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 3
+    assert "from the memory tier" in caplog.text
+    _assert_same(target, _state(3))
+    ck.close(drop_memory=True)
+    assert not os.path.exists(os.path.join(config.shm_root, "stalwart-test"))
+    ck2 = Checkpointer(str(tmp_path / "ck"), config)
+    caplog.clear()
+    target = _zeros_like(_state(0))
+    assert ck2.load_latest(target) == 3
+    assert "from the durable tier" in caplog.text
+    ck2.close(drop_memory=True)
+
+
+def test_retention_keeps_the_last_n_and_every_kth(tmp_path: Path, config: CheckpointConfig) -> None:
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, keep_last=2, keep_every=4, memory_tier=False))
+    for step in range(1, 10):
+        ck.save(step, _state(1))
+    ck.wait()
+    committed, incomplete = committed_steps(open_storage(str(tmp_path / "ck")))
+    assert committed == [4, 8, 9] and incomplete == []
+    ck.close()
+
+
+def test_retention_removes_incomplete_attempts_older_than_the_newest_commit(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    crashed = tmp_path / "ck" / "step-000000002"
+    crashed.mkdir(parents=True)
+    (crashed / "rank-00000.safetensors").write_bytes(b"torn")
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    ck.save(3, _state(3), blocking=True)
+    assert not crashed.exists()
+    ck.close()
+
+
+def test_saving_an_already_committed_step_does_not_rewrite_it(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    ck.save(4, _state(4), blocking=True)
+    manifest = tmp_path / "ck/step-000000004/manifest.json"
+    before = manifest.read_bytes()
+    ck.save(4, _state(9), blocking=True)
+    assert manifest.read_bytes() == before
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 4
+    _assert_same(target, _state(4))
+    ck.close()
+
+
+def _two_checkpoints(tmp_path: Path, config: CheckpointConfig) -> Checkpointer:
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    ck.save(1, _state(1))
+    ck.save(2, _state(2))
+    ck.wait()
+    return ck
+
+
+def test_a_flipped_byte_is_detected_and_the_older_checkpoint_loads_with_a_warning(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    shard = tmp_path / "ck/step-000000002/rank-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 1
+    _assert_same(target, _state(1))
+    assert "step-000000002/rank-00000.safetensors fails its checksum" in caplog.text
+    ck.close()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "header", "manifest"])
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    step2 = tmp_path / "ck/step-000000002"
+    shard = step2 / "rank-00000.safetensors"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        os.truncate(shard, shard.stat().st_size // 2)
+    elif damage == "header":
+        raw = bytearray(shard.read_bytes())
+        raw[20] ^= 0x01
+        shard.write_bytes(bytes(raw))
+    else:
+        (step2 / "manifest.json").write_text('{"step": "not a manifest"')
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 1
+    _assert_same(target, _state(1))
+    assert "falling back" in caplog.text
+    ck.close()
+
+
+def test_a_missing_manifest_means_the_step_is_not_a_checkpoint(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    (tmp_path / "ck/step-000000002/manifest.json").unlink()
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 1
+    ck.close()
+
+
+def test_when_every_checkpoint_is_damaged_load_raises_naming_the_files(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    for step in (1, 2):
+        (tmp_path / f"ck/step-00000000{step}/rank-00000.safetensors").unlink()
+    with pytest.raises(CheckpointCorrupt, match=r"step-000000001/rank-00000.safetensors is missing"):
+        ck.load_latest(_zeros_like(_state(0)))
+    ck.close()
+
+
+def test_a_state_that_does_not_match_the_checkpoint_is_a_clear_error(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    target = _zeros_like(_state(0))
+    target["model"]["w"] = torch.zeros(10, 10)
+    with pytest.raises(CheckpointError, match=r"'model/w' is F32\[64, 32\] in checkpoint step 2"):
+        ck.load_latest(target)
+    target = _zeros_like(_state(0))
+    target["model"]["extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="has no tensor 'model/extra'"):
+        ck.load_latest(target)
+    ck.close()
+
+
+def test_missing_keys_are_created_from_the_checkpoint(tmp_path: Path, config: CheckpointConfig) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    target: dict[str, Any] = {"model": {"w": torch.zeros(64, 32)}}
+    assert ck.load_latest(target) == 2
+    assert torch.equal(target["optim"]["state"]["w"]["exp_avg"], _state(2)["optim"]["state"]["w"]["exp_avg"])
+    ck.close()
+
+
+def test_bad_input_is_refused_with_the_fix(tmp_path: Path, config: CheckpointConfig) -> None:
+    with pytest.raises(ConfigError, match="keep at least 2"):
+        CheckpointConfig(keep_last=1)
+    with pytest.raises(ConfigError, match="unsupported scheme"):
+        Checkpointer("gs://bucket/x", config)
+    ck = Checkpointer(str(tmp_path / "ck"), config)
+    with pytest.raises(CheckpointError, match="neither a tensor nor JSON-able"):
+        ck.save(1, {"w": torch.zeros(1), "bad": object()})
+    with pytest.raises(ConfigError, match="non-negative"):
+        ck.save(-1, {"w": torch.zeros(1)})
+    ck.close()
+    with pytest.raises(CheckpointError, match="after close"):
+        ck.save(1, {"w": torch.zeros(1)})
+
+
+def test_a_failed_save_is_logged_and_counted_and_training_goes_on(
+    tmp_path: Path, config: CheckpointConfig, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "ck"
+    ck = Checkpointer(str(root), _cfg(config, memory_tier=False), registry=registry)
+    ck.save(1, _state(1), blocking=True)
+    os.chmod(root, 0o500)
+    (root / "step-000000002").mkdir(mode=0o500)  # a read-only target, as root cannot be denied otherwise
+    try:
+        blocked = root / "step-000000002" / "rank-00000.safetensors"
+        blocked.mkdir()  # a directory where the shard file must go: the write fails
+        future = ck.save(2, _state(2))
+        assert future.result() is None
+    finally:
+        os.chmod(root, 0o700)
+    assert registry.get_sample_value("stalwart_checkpoint_save_failures_total") == 1.0
+    assert "checkpoint save of step 2" in caplog.text and "training continues" in caplog.text
+    assert json.loads((root / "step-000000001/manifest.json").read_text())["step"] == 1
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 1
+    ck.close()

@@ -1,0 +1,77 @@
+"""`stalwart ckpt` against real checkpoints, through the console entrypoint's error handling."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from stalwart.checkpoint import CheckpointConfig, Checkpointer
+from stalwart.cli import main
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    ck = Checkpointer(
+        str(tmp_path / "ck"), CheckpointConfig(memory_tier=False, flush_on_sigterm=False, keep_last=5)
+    )
+    for step in (10, 20, 30):
+        ck.save(step, {"model": {"w": torch.full((64, 8), float(step))}, "step": step}, blocking=True)
+    ck.close()
+    (tmp_path / "ck/step-000000025").mkdir()  # a crashed attempt
+    return tmp_path / "ck"
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_ls_shows_committed_and_incomplete_steps(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _run(["ckpt", "ls", str(root)], capsys)
+    assert code == 0
+    assert out.count("│ committed") == 3 and "│ incomplete" in out
+    assert "2.2 KiB" in out  # 64*8 floats plus a header
+
+
+def test_inspect_shows_tensors_and_values(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _run(["ckpt", "inspect", str(root), "--step", "20"], capsys)
+    assert code == 0
+    assert "model/w" in out and "[64, 8]" in out and '"step": 20' in out
+
+
+def test_verify_passes_then_names_a_corrupt_file_and_exits_non_zero(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(["ckpt", "verify", str(root)], capsys)[0] == 0
+    shard = root / "step-000000020/rank-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    code, out = _run(["ckpt", "verify", str(root)], capsys)
+    assert code == 2
+    assert "CORRUPT" in out and "1 of 3 checkpoints failed verification" in out
+    assert "step-000000020/rank-00000.safetensors" in out
+
+
+def test_gc_applies_retention_and_removes_crashed_attempts(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = _run(["ckpt", "gc", str(root), "--keep-last", "1", "--dry-run"], capsys)
+    assert code == 0 and "would remove 3 checkpoint(s): 10, 20, 25" in out
+    assert len(os.listdir(root)) == 4
+    code, out = _run(["ckpt", "gc", str(root), "--keep-last", "1", "--keep-every", "20"], capsys)
+    assert code == 0 and "removed 2 checkpoint(s): 10, 25" in out
+    assert sorted(os.listdir(root)) == ["step-000000020", "step-000000030"]
+
+
+def test_a_missing_step_is_a_clear_error(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _run(["ckpt", "inspect", str(root), "--step", "7"], capsys)
+    assert code == 2 and "step 7 has no committed checkpoint" in out

@@ -1,0 +1,73 @@
+"""The shard format: valid safetensors, aligned pieces, checksums, flattening rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from stalwart.checkpoint import CheckpointConfig, Checkpointer
+from stalwart.checkpoint.format import Piece, crc_slices, flatten, plan_layout
+from stalwart.errors import CheckpointError
+
+
+def _piece(name: str, t: torch.Tensor) -> Piece:
+    return Piece((name,), t, tuple(t.shape), (0,) * t.dim())
+
+
+def test_layout_orders_pieces_by_element_size_so_every_piece_stays_aligned() -> None:
+    pieces = [
+        _piece("a", torch.zeros(3, dtype=torch.int8)),
+        _piece("b", torch.zeros(5, dtype=torch.float64)),
+        _piece("c", torch.zeros(7, dtype=torch.bfloat16)),
+        _piece("d", torch.zeros(1, dtype=torch.float32)),
+    ]
+    layout = plan_layout(pieces, {"format": "stalwart"})
+    assert [p.path[0] for p in layout.pieces] == ["b", "d", "c", "a"]
+    assert len(layout.header) % 64 == 0
+    for p in layout.pieces:
+        assert p.start % p.tensor.element_size() == 0
+    assert layout.data_bytes == 3 + 40 + 14 + 4
+
+
+def test_saved_shard_is_a_valid_safetensors_file(tmp_path: Path, config: CheckpointConfig) -> None:
+    state = {
+        "model": {
+            "w": torch.randn(3, 4),
+            "b": torch.arange(5, dtype=torch.bfloat16),
+            "flag": torch.tensor(True),
+        },
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
+    ck = Checkpointer(str(tmp_path / "ck"), config)
+    ck.save(1, state, blocking=True)
+    ck.close()
+    with safe_open(str(tmp_path / "ck/step-000000001/rank-00000.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["model/b", "model/flag", "model/w", "scalar"]
+        assert torch.equal(f.get_tensor("model/w"), state["model"]["w"])
+        assert torch.equal(f.get_tensor("model/b"), state["model"]["b"])
+        assert f.get_tensor("scalar").item() == 2.5
+
+
+def test_crc_slices_split_large_buffers_and_detect_a_flipped_byte() -> None:
+    data = torch.randint(0, 255, (1000,), dtype=torch.uint8).numpy()
+    before = crc_slices(data)
+    data[500] ^= 1
+    assert crc_slices(data) != before
+    assert crc_slices(data[:0]) == [0]
+
+
+def test_flatten_walks_dicts_and_lists_with_tensors_and_keeps_plain_tuples_whole() -> None:
+    state = {
+        "opt": {"param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}], "state": {0: {"m": torch.zeros(1)}}}
+    }
+    leaves = {"/".join(leaf.path): leaf.value for leaf in flatten(state)}
+    assert set(leaves) == {"opt/param_groups", "opt/state/0/m"}
+    assert leaves["opt/param_groups"] == [{"lr": 0.1, "betas": (0.9, 0.99)}]
+
+
+def test_a_key_with_a_slash_is_refused_with_the_fix() -> None:
+    with pytest.raises(CheckpointError, match="contains '/'"):
+        list(flatten({"a/b": torch.zeros(1)}))

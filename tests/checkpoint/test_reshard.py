@@ -1,0 +1,92 @@
+"""World-size change with real gloo process groups: 2 ranks of DTensor shards -> 1 rank, and 1 -> 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from stalwart.checkpoint import CheckpointConfig, Checkpointer
+
+from .workers.reshard_worker import full_state
+
+WORKER = Path(__file__).parent / "workers" / "reshard_worker.py"
+REPO = Path(__file__).parents[2]
+
+
+def _run_two_ranks(mode: str, root: Path, tmp_path: Path) -> None:
+    store = tmp_path / f"store-{mode}"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--mode",
+                mode,
+                "--root",
+                str(root),
+                "--store",
+                str(store),
+                "--rank",
+                str(rank),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}"
+
+
+def _config() -> CheckpointConfig:
+    return CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+
+
+def test_two_sharded_ranks_save_and_one_rank_loads_the_whole_tensors(tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    _run_two_ranks("save", root, tmp_path)
+    manifest = json.loads((root / "step-000000007/manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    assert sorted(manifest["files"]) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    rows = next(t for t in manifest["tensors"] if t["path"] == ["model", "rows"])
+    assert sorted((c["offsets"], c["shape"]) for c in rows["chunks"]) == [([0, 0], [3, 3]), ([3, 0], [2, 3])]
+    ck = Checkpointer(str(root), _config())
+    target = {
+        "model": {
+            "rows": torch.zeros(5, 3),
+            "cols": torch.zeros(4, 6, dtype=torch.int64),
+            "repl": torch.zeros(7),
+        },
+        "rank_state": {"rng": torch.zeros(1, dtype=torch.int64)},
+        "step": 0,
+    }
+    assert ck.load_latest(target) == 7
+    full = full_state()
+    for key in ("rows", "cols", "repl"):
+        assert torch.equal(target["model"][key], full[key]), key
+    assert target["rank_state"]["rng"].item() == 100
+    ck.close()
+
+
+def test_one_rank_saves_and_two_sharded_ranks_load_their_slices(tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    ck = Checkpointer(str(root), _config())
+    full = full_state()
+    ck.save(7, {"model": full, "rank_state": {"rng": torch.tensor([100])}, "step": 7}, blocking=True)
+    ck.close()
+    _run_two_ranks("load", root, tmp_path)

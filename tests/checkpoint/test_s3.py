@@ -1,0 +1,86 @@
+"""Checkpoints on S3: a real S3-protocol server (SeaweedFS) for the full path, moto for the fast one."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+import torch
+
+from stalwart.checkpoint import CheckpointConfig, Checkpointer, committed_steps
+from stalwart.checkpoint.storage_s3 import S3Storage
+from stalwart.errors import CheckpointError
+
+from .servers import CREDENTIALS, OUTSIDER, S3Server
+
+
+def _config() -> CheckpointConfig:
+    return CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {"w": torch.randn(3 << 20, generator=g), "b": torch.randn(10, generator=g)},
+        "step": seed,
+    }
+
+
+def test_multipart_checkpoints_on_seaweedfs_load_and_fall_back_past_a_corrupt_object(
+    seaweed: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = seaweed.make_bucket(f"ck-{uuid.uuid4().hex[:8]}")
+    uri = f"s3://{bucket}/jobs/a"
+    ck = Checkpointer(uri, _config(), endpoint_url=seaweed.endpoint, part_size=5 << 20, **CREDENTIALS)
+    ck.save(1, _state(1))
+    ck.save(2, _state(2))
+    ck.wait()
+    assert committed_steps(ck.storage) == ([1, 2], [])
+    client = seaweed.client()
+    key = "jobs/a/step-000000002/rank-00000.safetensors"
+    head = client.head_object(Bucket=bucket, Key=key)
+    assert head["ContentLength"] > 12 << 20 and "-" in head["ETag"]  # a multipart object
+    target = {"model": {"w": torch.zeros(3 << 20), "b": torch.zeros(10)}, "step": 0}
+    assert ck.load_latest(target) == 2
+    assert torch.equal(target["model"]["w"], _state(2)["model"]["w"]) and target["step"] == 2
+    raw = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    raw[len(raw) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(raw))
+    assert ck.load_latest(target) == 1
+    assert torch.equal(target["model"]["w"], _state(1)["model"]["w"])
+    assert f"s3://{bucket}/{key} fails its checksum" in caplog.text
+    ck.close()
+
+
+def test_wrong_credentials_and_an_unreadable_bucket_are_clear_errors(seaweed: S3Server) -> None:
+    bucket = seaweed.make_bucket(f"ck-{uuid.uuid4().hex[:8]}")
+    wrong = dict(CREDENTIALS, aws_secret_access_key="not-the-secret")
+    with pytest.raises(CheckpointError, match=r"denied.*check the AWS credentials"):
+        Checkpointer(f"s3://{bucket}/x", _config(), endpoint_url=seaweed.endpoint, **wrong)
+    with pytest.raises(CheckpointError, match="denied"):
+        Checkpointer(f"s3://{bucket}/x", _config(), endpoint_url=seaweed.endpoint, **OUTSIDER)
+    with pytest.raises(CheckpointError, match="'no-such-bucket' does not exist"):
+        Checkpointer("s3://no-such-bucket/x", _config(), endpoint_url=seaweed.endpoint, **CREDENTIALS)
+
+
+def test_an_s3_save_that_fails_is_counted_and_the_next_one_works(
+    moto: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = moto.make_bucket(f"ck-{uuid.uuid4().hex[:8]}")
+    storage = S3Storage(f"s3://{bucket}", endpoint_url=moto.endpoint, **CREDENTIALS)
+    ck = Checkpointer(f"s3://{bucket}", _config(), storage=storage)
+    small = {"w": torch.arange(10.0)}
+    ck.save(1, small, blocking=True)
+    client = moto.client()
+    client.delete_object(Bucket=bucket, Key="step-000000001/manifest.json")
+    client.delete_object(Bucket=bucket, Key="step-000000001/rank-00000.json")
+    client.delete_object(Bucket=bucket, Key="step-000000001/rank-00000.safetensors")
+    client.delete_bucket(Bucket=bucket)
+    caplog.set_level(logging.WARNING)
+    assert ck.save(2, small).result() is None
+    assert "checkpoint save of step 2" in caplog.text and "does not exist" in caplog.text
+    client.create_bucket(Bucket=bucket)
+    assert ck.save(3, small).result() is not None
+    assert committed_steps(storage) == ([3], [])
+    ck.close()

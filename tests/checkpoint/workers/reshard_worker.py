@@ -1,0 +1,69 @@
+"""One rank of a 2-rank gloo job that saves or loads DTensor-sharded state (see test_reshard.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from stalwart.checkpoint import CheckpointConfig, Checkpointer
+
+
+def full_state() -> dict:
+    """The global tensors every test expects, identical on every rank."""
+    return {
+        "rows": torch.arange(15, dtype=torch.float32).reshape(5, 3),  # uneven: 3 + 2 rows
+        "cols": torch.arange(24, dtype=torch.int64).reshape(4, 6),
+        "repl": torch.linspace(0, 1, 7),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["save", "load"], required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=args.rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    full = full_state()
+
+    def sharded(rows: torch.Tensor, cols: torch.Tensor, repl: torch.Tensor) -> dict:
+        return {
+            "model": {
+                "rows": distribute_tensor(rows, mesh, [Shard(0)]),
+                "cols": distribute_tensor(cols, mesh, [Shard(1)]),
+                "repl": repl,
+            },
+            "rank_state": {"rng": torch.tensor([100 + args.rank])},
+            "step": 0,
+        }
+
+    ck = Checkpointer(args.root, CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
+    if args.mode == "save":
+        state = sharded(full["rows"], full["cols"], full["repl"])
+        state["step"] = 7
+        ck.save(7, state, blocking=True)
+    else:
+        state = sharded(torch.zeros(5, 3), torch.zeros(4, 6, dtype=torch.int64), torch.zeros(7))
+        step = ck.load_latest(state)
+        assert step == 7, step
+        assert torch.equal(state["model"]["rows"].full_tensor(), full["rows"])
+        assert torch.equal(state["model"]["cols"].full_tensor(), full["cols"])
+        assert torch.equal(state["model"]["repl"], full["repl"])
+        # saved by one rank: every rank gets rank 0's per-rank state (rank % saved world size)
+        assert state["rank_state"]["rng"].item() == 100, state["rank_state"]["rng"]
+        assert state["step"] == 7
+    ck.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""The Kubernetes backend against kmock's API emulator over HTTP on 127.0.0.1.
+
+The emulator stores objects and serves them back; it runs no controllers, so pods and status
+are put in by the tests where a controller would have made them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+import yaml
+from k8s_validate import validate_manifest
+from kubernetes import client
+
+from stalwart.cli import main
+from stalwart.errors import JobSubmitError
+from stalwart.job import Job, JobExists, JobNotFound, JobState
+from stalwart.job.kube import KubernetesBackend
+
+NS = "ml"
+
+
+class Emulator:
+    """kmock's KubernetesEmulator served from a thread; ``react`` adds canned responses."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._reactions: list[tuple[str, list[Any]]] = []
+        self.url = ""
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        async with kmock.KubernetesEmulator() as emu, kmock.Server(emu) as srv:
+            self.emu, self.url = emu, str(srv.url).rstrip("/")
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> Emulator:
+        self._thread.start()
+        assert self._ready.wait(10), "kmock did not start"
+        return self
+
+    def react(self, criteria: str, *payloads: Any) -> None:
+        done = threading.Event()
+
+        def add() -> None:
+            r = self.emu[criteria]
+            for p in payloads:
+                r = r << p
+            done.set()
+
+        self._loop.call_soon_threadsafe(add)
+        assert done.wait(5)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def api(self) -> client.ApiClient:
+        cfg = client.Configuration()
+        cfg.host = self.url
+        return client.ApiClient(cfg)
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    emu = Emulator().start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+def _spec(full_spec: dict[str, Any], flavour: str) -> dict[str, Any]:
+    return {**full_spec, "kubernetes": {"flavour": flavour, "namespace": NS}}
+
+
+def _backend(emu: Emulator, **kw: Any) -> KubernetesBackend:
+    return KubernetesBackend(namespace=NS, api_client=emu.api(), **kw)
+
+
+def _get(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
+    kind, name = obj["kind"], obj["metadata"]["name"]
+    if kind == "Service":
+        return api.sanitize_for_serialization(client.CoreV1Api(api).read_namespaced_service(name, NS))
+    if kind == "Job":
+        return api.sanitize_for_serialization(client.BatchV1Api(api).read_namespaced_job(name, NS))
+    group, version = obj["apiVersion"].split("/")
+    plural = kind.lower() + "s"
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(group, version, NS, plural, name)
+
+
+@pytest.mark.parametrize("flavour", ["hyperpod", "pytorchjob", "jobset", "batch"])
+def test_create_list_describe_delete_each_flavour(
+    emulator: Emulator, full_spec: dict[str, Any], flavour: str
+) -> None:
+    backend = _backend(emulator)
+    job = Job.from_dict(_spec(full_spec, flavour), backend=backend)
+    status = job.create()
+    assert status.state == JobState.PENDING
+    api = emulator.api()
+    for obj in job.manifests():
+        stored = _get(api, obj)
+        assert stored["metadata"]["labels"]["stalwart.dev/job"] == "llama-ft"
+        assert validate_manifest(stored) == []
+    assert [(s.name, s.kind) for s in Job.list(backend)] == [("llama-ft", job.manifests()[-1]["kind"])]
+    d = job.describe()
+    assert d.status.name == "llama-ft" and NS in d.where
+    job.delete()
+    assert Job.list(backend) == []
+    with pytest.raises(JobNotFound):
+        job.status()
+    for obj in job.manifests():  # the headless Service went with the job
+        with pytest.raises(client.exceptions.ApiException):
+            _get(api, obj)
+
+
+def test_a_name_that_exists_is_refused_and_nothing_is_created(
+    emulator: Emulator, full_spec: dict[str, Any]
+) -> None:
+    backend = _backend(emulator)
+    Job.from_dict(_spec(full_spec, "jobset"), backend=backend).create()
+    with pytest.raises(JobExists, match="already exists in namespace 'ml'"):
+        Job.from_dict(_spec(full_spec, "batch"), backend=backend).create()
+    with pytest.raises(client.exceptions.ApiException):  # no Service from the refused batch flavour
+        client.CoreV1Api(emulator.api()).read_namespaced_service("llama-ft", NS)
+
+
+def test_a_failed_submission_rolls_back_what_it_created(
+    emulator: Emulator, full_spec: dict[str, Any]
+) -> None:
+    emulator.react(f"post /apis/batch/v1/namespaces/{NS}/jobs", 500, {"kind": "Status", "code": 500})
+    job = Job.from_dict(_spec(full_spec, "batch"), backend=_backend(emulator))
+    with pytest.raises(JobSubmitError, match="creating Job/llama-ft failed: 500"):
+        job.create()
+    with pytest.raises(client.exceptions.ApiException) as info:
+        client.CoreV1Api(emulator.api()).read_namespaced_service("llama-ft", NS)
+    assert info.value.status == 404  # the Service created first was deleted again
+
+
+def test_status_describe_and_logs_follow_what_the_cluster_reports(
+    emulator: Emulator, full_spec: dict[str, Any]
+) -> None:
+    backend = _backend(emulator)
+    job = Job.from_dict(_spec(full_spec, "hyperpod"), backend=backend)
+    job.create()
+    api = emulator.api()
+    # what the operator would do: run pods and report status
+    status = {"conditions": [{"type": "Running", "status": "True"}], "restartCount": 2}
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        "sagemaker.amazonaws.com", "v1", NS, "hyperpodpytorchjobs", "llama-ft", {"status": status}
+    )
+    for i in range(2):
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"llama-ft-pod-{i}", "labels": {"stalwart.dev/job": "llama-ft"}},
+            "spec": {"containers": [{"name": "pytorch-job-container", "image": "x"}]},
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {"name": "c", "image": "x", "imageID": "x", "ready": True, "restartCount": i}
+                ],
+            },
+        }
+        client.CoreV1Api(api).create_namespaced_pod(NS, pod)
+        text = f"[stalwart llama-ft-pod-{i}] agent up\n[llama-ft-pod-{i}/{8 * i}] step 1 loss 0.5\n"
+        emulator.react(
+            f"get /api/v1/namespaces/{NS}/pods/llama-ft-pod-{i}/log",
+            kmock.headers({"Content-Type": "text/plain"}),
+            kmock.body(text.encode()),
+        )
+    status = job.status()
+    assert (status.state, status.restarts) == (JobState.RUNNING, 2)
+    d = job.describe()
+    assert [n.name for n in d.node_states] == ["llama-ft-pod-0", "llama-ft-pod-1"]
+    assert d.node_states[1].detail == "Running, 1 container restarts"
+    rendered = [line.render() for line in job.logs()]
+    assert rendered == [
+        "[llama-ft-pod-0 agent] [stalwart llama-ft-pod-0] agent up",
+        "[llama-ft-pod-0 rank0] step 1 loss 0.5",
+        "[llama-ft-pod-1 agent] [stalwart llama-ft-pod-1] agent up",
+        "[llama-ft-pod-1 rank8] step 1 loss 0.5",
+    ]
+    followed = sorted(line.render() for line in job.logs(follow=True, rank=8))
+    assert followed == ["[llama-ft-pod-1 rank8] step 1 loss 0.5"]
+    assert [line.node for line in job.logs(node="1")] == ["llama-ft-pod-1"] * 2
+
+
+def test_an_unreachable_cluster_is_a_clear_error(full_spec: dict[str, Any]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{port}"
+    cfg.retries = 0
+    backend = KubernetesBackend(namespace=NS, api_client=client.ApiClient(cfg))
+    with pytest.raises(JobSubmitError, match=f"cannot reach the Kubernetes API at http://127.0.0.1:{port}"):
+        Job.from_dict(_spec(full_spec, "jobset"), backend=backend).create()
+
+
+def test_the_cli_drives_a_cluster_through_a_kubeconfig(
+    emulator: Emulator, tmp_path: Path, full_spec: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": emulator.url}}],
+                "users": [{"name": "me", "user": {"token": "t"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "me"}}],
+                "current-context": "kmock",
+            }
+        )
+    )
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(_spec(full_spec, "pytorchjob")))
+    kube = ["--kubeconfig", str(kubeconfig), "-n", NS]
+
+    def run(*args: str) -> int:
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    assert run("job", "create", "-f", str(spec), *kube) == 0
+    assert "created on kubernetes" in capsys.readouterr().out
+    assert run("job", "create", "-f", str(spec), *kube) == 4
+    assert "already exists" in capsys.readouterr().err
+    assert run("job", "list", "--backend", "kubernetes", *kube) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["NAME", "STATE", "NODES", "RESTARTS", "AGE", "KIND"]
+    assert out[1].split()[:2] == ["llama-ft", "pending"]
+    assert run("job", "delete", "llama-ft", "--backend", "kubernetes", *kube) == 0
+    assert run("job", "describe", "llama-ft", "--backend", "kubernetes", *kube) == 3
+    assert "no stalwart job named 'llama-ft'" in capsys.readouterr().err

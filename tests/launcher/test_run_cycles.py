@@ -1,0 +1,100 @@
+"""Reliable restarts: many crash-restart cycles in a row, single node and two nodes on loopback.
+
+Each cycle kills rank 1 with SIGKILL at a later step; the fault markers make each crash fire once.
+Every cycle must recover: generation k trains past the step where generation k-1 crashed.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from typing import Any
+
+StalwartRunner = Any  # the ``stalwart`` fixture's type (tests/conftest.py)
+
+CYCLES = 20
+EVERY = 2  # steps between crashes
+
+
+def _faults(rank: int) -> str:
+    return ",".join(f"crash:rank={rank}:step={EVERY * k}" for k in range(1, CYCLES + 1))
+
+
+def _assert_every_cycle_recovered(stalwart: StalwartRunner, rank: int, steps: int) -> None:
+    progress = stalwart.progress_of(rank)
+    gens = sorted({g for g, _ in progress})
+    assert gens == list(range(CYCLES + 1)), f"generations seen: {gens}"
+    for k in range(1, CYCLES + 1):
+        crashed_at = EVERY * k
+        assert max(s for g, s in progress if g == k) > crashed_at, f"generation {k} made no progress"
+    assert progress[-1] == (CYCLES, steps)
+    assert len(list((stalwart.log_dir / "faults").glob("fault-*"))) == CYCLES
+
+
+def test_twenty_crash_restart_cycles_on_one_node_all_recover(stalwart: StalwartRunner) -> None:
+    steps = EVERY * CYCLES + 1
+    p = stalwart.start(
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        str(CYCLES),
+        "--fault",
+        _faults(1),
+        "--status-port",
+        "0",
+        *stalwart.tiny_args(steps),
+    )
+    out, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, out[-3000:]
+    _assert_every_cycle_recovered(stalwart, 1, steps)
+    budget = [e["used"] for e in stalwart.events() if e["event"] == "budget"]
+    assert budget == list(range(1, CYCLES + 1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _two_agents(stalwart: StalwartRunner, *extra: str, steps: int) -> list[subprocess.Popen[str]]:
+    port = free_port()
+    common = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "twonode",
+        "--status-port",
+        "0",
+        *extra,
+    ]
+    a = stalwart.start(*common, "--node-name", "a", *stalwart.tiny_args(steps))
+    b = stalwart.start(*common, "--node-name", "b", *stalwart.tiny_args(steps))
+    return [a, b]
+
+
+def test_a_crash_on_the_second_node_restarts_both_nodes(stalwart: StalwartRunner) -> None:
+    agents = _two_agents(stalwart, "--max-restarts", "1", "--fault", "crash:rank=1:step=3", steps=6)
+    outs = [p.communicate(timeout=200)[0] for p in agents]
+    assert [p.returncode for p in agents] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    for rank in (0, 1):
+        assert [s for g, s in stalwart.progress_of(rank) if g == 1] == [4, 5, 6]
+    # the job-wide budget counted the incident once although both nodes restarted
+    used = {e["node"]: e["used"] for e in stalwart.events() if e["event"] == "budget"}
+    assert used == {"a": 1, "b": 1}
+
+
+def test_twenty_crash_restart_cycles_on_two_nodes_all_recover(stalwart: StalwartRunner) -> None:
+    steps = EVERY * CYCLES + 1
+    agents = _two_agents(stalwart, "--max-restarts", str(CYCLES), "--fault", _faults(1), steps=steps)
+    outs = [p.communicate(timeout=500)[0] for p in agents]
+    assert [p.returncode for p in agents] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    _assert_every_cycle_recovered(stalwart, 1, steps)
+    _assert_every_cycle_recovered(stalwart, 0, steps)

@@ -1,0 +1,153 @@
+"""``stalwart run`` end to end on one node: crash -> recovery from the checkpoint, budget, user error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+STALWART = [sys.executable, "-m", "stalwart.cli"]
+StalwartRunner = Any  # the ``stalwart`` fixture's type (tests/conftest.py)
+
+
+def _finish(p: subprocess.Popen[str], timeout: float = 120) -> str:
+    out, _ = p.communicate(timeout=timeout)
+    return out
+
+
+def test_a_crashed_worker_is_restarted_and_training_continues_from_the_checkpoint(
+    stalwart: StalwartRunner, tmp_path: Path
+) -> None:
+    marks = tmp_path / "marks.txt"
+    p = stalwart.start(
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "--fault",
+        "crash:rank=1:step=4",
+        "--node-name",
+        "n0",
+        "--pre-train-script",
+        f"sh -c 'echo pre $STALWART_GENERATION >> {marks}'",
+        "--post-train-script",
+        f"sh -c 'echo post >> {marks}'",
+        *stalwart.tiny_args(8),
+    )
+    out = _finish(p)
+    assert p.returncode == 0, out
+    rank1 = stalwart.progress_of(1)
+    assert [s for g, s in rank1 if g == 0] == [1, 2, 3]  # killed inside report(4)
+    assert [s for g, s in rank1 if g == 1] == [5, 6, 7, 8]  # resumed from the step-4 checkpoint
+    assert marks.read_text().split("\n")[:3] == ["pre 0", "pre 1", "post"]
+    # console: prefixed worker lines, the restart, and the timeline at exit
+    assert "[n0/1] step 3 loss" in out
+    assert "rank 1 signal SIGKILL -> restart" in out
+    assert "incident -> generation 1" in out
+    # per-rank log files and the events file
+    assert "step 8 loss" in (stalwart.log_dir / "n0" / "gen-1" / "rank-0.log").read_text()
+    kinds = [e["event"] for e in stalwart.events()]
+    for kind in (
+        "fault",
+        "restart",
+        "budget",
+        "workers_stopped",
+        "rendezvous",
+        "workers_started",
+        "first_step",
+        "exit",
+    ):
+        assert kind in kinds
+    first = [e for e in stalwart.events() if e["event"] == "first_step" and e["generation"] == 1]
+    assert first and first[0]["step"] == 5
+    ev = subprocess.run(
+        [*STALWART, "events", str(stalwart.log_dir)], capture_output=True, text=True, timeout=60
+    )
+    assert ev.returncode == 0, ev.stderr
+    assert "generation 1" in ev.stdout and "rank 1" in ev.stdout and "first_step" in ev.stdout
+
+
+def test_spent_budget_exits_1_naming_the_rank_exit_code_and_traceback(stalwart: StalwartRunner) -> None:
+    p = stalwart.start(
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--no-standby",
+        "--fault",
+        "raise:rank=1:step=2,raise:rank=1:step=4",
+        *stalwart.tiny_args(8),
+    )
+    out = _finish(p)
+    assert p.returncode == 1, out
+    summary = out[out.index("job failed") :]
+    assert "restart budget spent (1 of 1 used)" in summary
+    assert "root cause: rank 1" in summary and "exit code 1" in summary
+    assert "InjectedFault" in summary and "Traceback" in summary
+    budget = [e for e in stalwart.events() if e["event"] == "budget"]
+    assert [e["used"] for e in budget] == [1]
+
+
+def test_a_user_error_stops_at_once_without_spending_the_budget(
+    stalwart: StalwartRunner, tmp_path: Path
+) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("import stalwart_no_such_module_xyz\n")
+    p = stalwart.start(
+        "--standalone", "--nproc-per-node", "2", "--max-restarts", "5", "--no-standby", str(script)
+    )
+    out = _finish(p)
+    assert p.returncode == 3, out
+    assert "user error" in out
+    assert (
+        "ModuleNotFoundError: No module named 'stalwart_no_such_module_xyz'" in out[out.index("job failed") :]
+    )
+    started = [e for e in stalwart.events() if e["event"] == "workers_started"]
+    assert len(started) == 2  # the first try and one free retry, never the budget
+    assert all(e["used"] == 0 for e in stalwart.events() if e["event"] == "budget")
+
+
+def test_a_failing_pre_train_script_is_a_clear_error(stalwart: StalwartRunner) -> None:
+    p = stalwart.start(
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "--no-standby",
+        "--pre-train-script",
+        "sh -c 'exit 5'",
+        *stalwart.tiny_args(2),
+    )
+    out = _finish(p)
+    assert p.returncode == 4, out
+    assert "pre-train script" in out and "exited with 5" in out
+    assert stalwart.progress_of(0) == []
+
+
+def test_the_cli_rejects_bad_flags_with_usage_errors(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [*STALWART, "run", "--log-dir", str(tmp_path), "--fault", "explode:rank=0", "x.py"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert "unknown kind 'explode'" in p.stderr
+
+
+def test_run_help_lists_torchrun_and_stalwart_flags() -> None:
+    p = subprocess.run([*STALWART, "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for flag in (
+        "--nproc-per-node",
+        "--rdzv-backend",
+        "--max-restarts",
+        "--fault",
+        "--no-standby",
+        "--status-port",
+        "--pre-train-script",
+        "--user-error-threshold",
+    ):
+        assert flag in p.stdout
