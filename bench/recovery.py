@@ -227,8 +227,12 @@ def markdown(summary: dict, args: argparse.Namespace, meta: dict) -> str:
         "",
         f"SIGKILL of worker rank 1 at step {args.kill_step} of `examples/train.py` (2 gloo workers, hidden "
         f"{args.hidden}, {args.step_time}s per step, checkpoint every {args.ckpt_every} steps); time from the kill "
-        "to the next completed step. Both launchers with `--standalone --max-restarts "
+        "to the next completed step (a step of the restarted generation). Both launchers with `--standalone --max-restarts "
         f"{args.max_restarts}`, each in a loopback-only network namespace, alternating, {args.reps} runs each.",
+        "",
+        f"A run *recovered* when such a step came and the job then finished with exit code 0, all within "
+        f"{args.run_timeout:.0f} s; medians are over recovered runs. `train.py` bounds a hung gloo re-connect "
+        f"with a {args.pg_timeout:.0f} s process-group timeout.",
         "",
         "| launcher | runs | recovered | median s | min s | max s | runs needing >1 restart |",
         "|---|---|---|---|---|---|---|",
@@ -265,6 +269,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-restarts", type=int, default=3)
     p.add_argument("--run-timeout", type=float, default=150.0)
     p.add_argument("--out", default=str(RESULTS), help="directory for recovery.json and recovery.md")
+    p.add_argument(
+        "--render", action="store_true", help="only rewrite recovery.md from recovery.json in --out"
+    )
     args = p.parse_args(argv)
     args.launchers = [x.strip() for x in args.launchers.split(",") if x.strip()]
     if args.kill_step >= args.steps or args.reps < 1:
@@ -272,8 +279,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def render(out: Path) -> str:
+    """Rewrite ``recovery.md`` from ``recovery.json`` (after editing the text, not the numbers)."""
+    data = json.loads((out / "recovery.json").read_text())
+    args = argparse.Namespace(**data["params"])
+    md = markdown(data["summary"], args, data["machine"])
+    (out / "recovery.md").write_text(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(render(Path(args.out)))
+        return 0
     if os.geteuid() != 0:
         print(
             "bench/recovery.py needs root (it creates a network namespace with `ip netns`).", file=sys.stderr
@@ -305,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, args.launchers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = {k: v for k, v in vars(args).items() if k != "out"}
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "render")}
     (out / "recovery.json").write_text(
         json.dumps(
             {"params": params, "machine": meta, "summary": summary, "runs": [asdict(r) for r in runs]},

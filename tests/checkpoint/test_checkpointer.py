@@ -285,3 +285,23 @@ def test_a_failed_save_is_logged_and_counted_and_training_goes_on(
     target = _zeros_like(_state(0))
     assert ck.load_latest(target) == 1
     ck.close()
+
+
+def test_a_corrupt_memory_snapshot_falls_back_to_the_durable_tier(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    ck = Checkpointer(str(tmp_path / "ck"), config)
+    ck.save(3, _state(3), blocking=True)
+    slot = next(Path(config.shm_root).glob("stalwart-test/rank-00000/slot-*.safetensors"))
+    with open(slot, "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    caplog.set_level(logging.INFO, logger="stalwart.checkpoint")
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 3
+    _assert_same(target, _state(3))
+    assert f"{slot.name} fails its checksum" in caplog.text
+    assert "from the durable tier" in caplog.text
+    ck.close(drop_memory=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ WORKER = Path(__file__).parent / "workers" / "reshard_worker.py"
 REPO = Path(__file__).parents[2]
 
 
-def _run_two_ranks(mode: str, root: Path, tmp_path: Path) -> None:
-    store = tmp_path / f"store-{mode}"
+def _run_two_ranks(mode: str, root: Path, tmp_path: Path, shm: str | None = None) -> None:
+    store = tmp_path / f"store-{mode}-{uuid.uuid4().hex[:6]}"
+    extra = ["--shm", shm] if shm else []
     procs = [
         subprocess.Popen(
             [
@@ -34,6 +36,7 @@ def _run_two_ranks(mode: str, root: Path, tmp_path: Path) -> None:
                 str(store),
                 "--rank",
                 str(rank),
+                *extra,
             ],
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -90,3 +93,13 @@ def test_one_rank_saves_and_two_sharded_ranks_load_their_slices(tmp_path: Path) 
     ck.save(7, {"model": full, "rank_state": {"rng": torch.tensor([100])}, "step": 7}, blocking=True)
     ck.close()
     _run_two_ranks("load", root, tmp_path)
+
+
+def test_two_ranks_restarted_on_the_same_node_reload_replicas_from_their_memory_tier(
+    tmp_path: Path, shm: str
+) -> None:
+    root = tmp_path / "ck"
+    _run_two_ranks("save", root, tmp_path, shm)
+    for shard in root.glob("step-000000007/rank-*.safetensors"):
+        shard.unlink()  # only the memory tier can serve the reload now
+    _run_two_ranks("load-same", root, tmp_path, shm)

@@ -12,6 +12,7 @@ from stalwart.checkpoint import CheckpointConfig, Checkpointer, committed_steps
 from stalwart.checkpoint.storage_s3 import S3Storage
 from stalwart.errors import CheckpointError
 
+from .flaky_proxy import flaky_proxy
 from .servers import CREDENTIALS, OUTSIDER, S3Server
 
 
@@ -84,3 +85,17 @@ def test_an_s3_save_that_fails_is_counted_and_the_next_one_works(
     assert ck.save(3, small).result() is not None
     assert committed_steps(storage) == ([3], [])
     ck.close()
+
+
+def test_503_slowdown_answers_are_retried_with_backoff(moto: S3Server) -> None:
+    bucket = moto.make_bucket(f"ck-{uuid.uuid4().hex[:8]}")
+    with flaky_proxy(moto.endpoint, every=3) as proxy:
+        storage = S3Storage(f"s3://{bucket}/p", endpoint_url=proxy.endpoint, part_size=5 << 20, **CREDENTIALS)
+        ck = Checkpointer(f"s3://{bucket}/p", _config(), storage=storage)
+        state = {"w": torch.arange(3 << 20, dtype=torch.float32)}  # 12 MiB: a 3-part upload
+        assert ck.save(1, state).result() is not None
+        target = {"w": torch.zeros(3 << 20)}
+        assert ck.load_latest(target) == 1
+        assert torch.equal(target["w"], state["w"])
+        ck.close()
+    assert proxy.injected >= 5 and proxy.requests > proxy.injected

@@ -246,3 +246,19 @@ def test_the_cli_drives_a_cluster_through_a_kubeconfig(
     assert run("job", "delete", "llama-ft", "--backend", "kubernetes", *kube) == 0
     assert run("job", "describe", "llama-ft", "--backend", "kubernetes", *kube) == 3
     assert "no stalwart job named 'llama-ft'" in capsys.readouterr().err
+
+
+def test_a_missing_kubeconfig_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    backend = KubernetesBackend(namespace=NS, kubeconfig=str(tmp_path / "nope"))
+    with pytest.raises(JobSubmitError, match="no usable Kubernetes configuration"):
+        backend.list()
+
+
+def test_a_missing_operator_or_namespace_is_named(emulator: Emulator, full_spec: dict[str, Any]) -> None:
+    emulator.react(
+        f"post /apis/jobset.x-k8s.io/v1alpha2/namespaces/{NS}/jobsets", 404, {"kind": "Status", "code": 404}
+    )
+    job = Job.from_dict(_spec(full_spec, "jobset"), backend=_backend(emulator))
+    with pytest.raises(JobSubmitError, match=r"does the cluster serve jobset.x-k8s.io/v1alpha2 JobSet"):
+        job.create()

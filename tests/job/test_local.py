@@ -134,6 +134,7 @@ def test_a_two_node_job_recovers_from_a_crash_and_completes(tmp_path: Path, home
     )
     text = _cli(home, "describe", "e2e")
     assert "Restart history:" in text.stdout and "worker_exit" in text.stdout
+    assert "Recovery (seconds per phase):" in text.stdout and "incident -> generation 1" in text.stdout
     timeline = _cli(home, "events", "e2e")
     assert f"incident -> generation 1: worker_exit rank 1 on {crashed_node}" in timeline.stdout
 

@@ -145,6 +145,21 @@ def test_the_rendezvous_host_is_the_first_pods_dns_name(
     assert "etcd.infra:2379" in _pod_templates(render(override)[-1])[0]["spec"]["containers"][0]["args"]
 
 
+@pytest.mark.parametrize("flavour", ["jobset", "batch"])
+def test_exit_codes_no_pod_restart_can_fix_fail_the_job_at_once(
+    flavour: str, full_spec: dict[str, Any]
+) -> None:
+    job = render(_spec(full_spec, flavour))[-1]
+    job_spec = job["spec"] if flavour == "batch" else job["spec"]["replicatedJobs"][0]["template"]["spec"]
+    assert job_spec["podFailurePolicy"]["rules"] == [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "stalwart", "operator": "In", "values": [1, 2, 3]},
+        }
+    ]
+    assert job_spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+
+
 def _hyp_config(spec: Any) -> dict[str, Any]:
     """What a user would pass to `hyp create hyp-pytorch-job` for the same job."""
     container = _pod_templates(render(spec)[-1])[0]["spec"]["containers"][0]
@@ -241,3 +256,16 @@ def test_hyperpod_log_rules_become_log_monitoring_configuration(full_spec: dict[
     ]
     assert job["spec"]["replicaSpecs"][0]["spares"] == 1
     assert job["spec"]["elasticPolicy"] == {"minReplicas": 2, "maxReplicas": 4}
+
+
+def test_stalwart_run_accepts_the_rendered_command_line(full_spec: dict[str, Any]) -> None:
+    from stalwart.health.config import build_monitors
+    from stalwart.launcher.args import parse
+
+    spec = _spec(full_spec, "jobset")
+    args = _pod_templates(render(spec)[-1])[0]["spec"]["containers"][0]["args"]
+    ns = parse(args)
+    assert (ns.nnodes, ns.nproc_per_node, ns.rdzv_endpoint) == ("2:4", "8", endpoint(spec))
+    assert (ns.training_script, ns.training_script_args) == (spec.script, list(spec.args))
+    assert ns.hang_floor == 300.0
+    assert build_monitors(ns)  # the log rules parse as the health package reads them

@@ -31,6 +31,7 @@ def _config(tmp_path: Path, *argv: str):  # type: ignore[no-untyped-def]
         (["--user-error-threshold", "0"], "--user-error-threshold"),
         (["--max-restarts", "-1"], "--max-restarts -1"),
         (["--monitor-interval", "0"], "--monitor-interval 0"),
+        (["--standby-preload", "numpy,not a module"], "'not a module' is not a module name"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from typing import Any
+
+import pytest
 
 StalwartRunner = Any  # the ``stalwart`` fixture's type (tests/conftest.py)
 
@@ -31,6 +34,7 @@ def _assert_every_cycle_recovered(stalwart: StalwartRunner, rank: int, steps: in
     assert len(list((stalwart.log_dir / "faults").glob("fault-*"))) == CYCLES
 
 
+@pytest.mark.slow
 def test_twenty_crash_restart_cycles_on_one_node_all_recover(stalwart: StalwartRunner) -> None:
     steps = EVERY * CYCLES + 1
     p = stalwart.start(
@@ -91,6 +95,7 @@ def test_a_crash_on_the_second_node_restarts_both_nodes(stalwart: StalwartRunner
     assert used == {"a": 1, "b": 1}
 
 
+@pytest.mark.slow
 def test_twenty_crash_restart_cycles_on_two_nodes_all_recover(stalwart: StalwartRunner) -> None:
     steps = EVERY * CYCLES + 1
     agents = _two_agents(stalwart, "--max-restarts", str(CYCLES), "--fault", _faults(1), steps=steps)
@@ -98,3 +103,34 @@ def test_twenty_crash_restart_cycles_on_two_nodes_all_recover(stalwart: Stalwart
     assert [p.returncode for p in agents] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
     _assert_every_cycle_recovered(stalwart, 1, steps)
     _assert_every_cycle_recovered(stalwart, 0, steps)
+
+
+def test_a_relaunched_node_rejoins_and_agrees_on_the_generation(stalwart: StalwartRunner) -> None:
+    """Like a pod restart: node b's agent is SIGKILLed (its worker dies with it) and started again."""
+    port = free_port()
+
+    def agent(node: str, host: int) -> subprocess.Popen[str]:
+        return stalwart.start(
+            "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "relaunch", "--max-restarts", "2",
+            "--rdzv-conf", f"is_host={host},keep_alive_interval=1,keep_alive_max_attempt=2",
+            "--node-name", node, "--status-port", "0",
+            *stalwart.tiny_args(30, "--step-time", "0.1"),
+        )  # fmt: skip
+
+    a = agent("a", 1)
+    b = agent("b", 0)
+    deadline = time.monotonic() + 120
+    while len(stalwart.progress_of(1)) < 3:
+        assert time.monotonic() < deadline, "the job never made progress"
+        assert a.poll() is None and b.poll() is None
+        time.sleep(0.1)
+    b.kill()
+    b.wait(timeout=10)
+    b2 = agent("b", 0)
+    outs = [p.communicate(timeout=200)[0] for p in (a, b2)]
+    assert [a.returncode, b2.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    last0, last1 = stalwart.progress_of(0)[-1], stalwart.progress_of(1)[-1]
+    assert last0 == last1 and last0[1] == 30 and last0[0] >= 1
+    gens_b2 = [e["generation"] for e in stalwart.events() if e["node"] == "b" and e["event"] == "rendezvous"]
+    assert gens_b2[-1] == last1[0]  # the new agent took the job-wide generation, not 0

@@ -97,8 +97,9 @@ def test_a_user_error_stops_at_once_without_spending_the_budget(
     script = tmp_path / "broken.py"
     script.write_text("import stalwart_no_such_module_xyz\n")
     p = stalwart.start(
-        "--standalone", "--nproc-per-node", "2", "--max-restarts", "5", "--no-standby", str(script)
-    )
+        "--standalone", "--nproc-per-node", "2", "--max-restarts", "5", "--no-standby",
+        "--node-name", "u", "--local-ranks-filter", "0", str(script),
+    )  # fmt: skip
     out = _finish(p)
     assert p.returncode == 3, out
     assert "user error" in out
@@ -108,6 +109,9 @@ def test_a_user_error_stops_at_once_without_spending_the_budget(
     started = [e for e in stalwart.events() if e["event"] == "workers_started"]
     assert len(started) == 2  # the first try and one free retry, never the budget
     assert all(e["used"] == 0 for e in stalwart.events() if e["event"] == "budget")
+    # --local-ranks-filter 0: rank 1 is not echoed, but its log file has everything
+    assert "[u/0] ModuleNotFoundError" in out and "[u/1]" not in out
+    assert "ModuleNotFoundError" in (stalwart.log_dir / "u" / "gen-1" / "rank-1.log").read_text()
 
 
 def test_a_failing_pre_train_script_is_a_clear_error(stalwart: StalwartRunner) -> None:

@@ -29,7 +29,11 @@ from torch.distributed.elastic.agent.server.api import (
     WorkerState,
 )
 from torch.distributed.elastic.multiprocessing import Std
-from torch.distributed.elastic.rendezvous import RendezvousClosedError, RendezvousGracefulExitError
+from torch.distributed.elastic.rendezvous import (
+    RendezvousClosedError,
+    RendezvousError,
+    RendezvousGracefulExitError,
+)
 
 from stalwart.agent import policy
 from stalwart.agent.api import AgentConfig, ScriptFailed
@@ -105,8 +109,14 @@ class StalwartAgent(SimpleElasticAgent):
                 self._exit_reason = f"rendezvous exited gracefully: {exc}"
             except RendezvousClosedError:
                 self._set_exit(policy.EXIT_FAILED, "the rendezvous was closed by another node (job ended)")
+            except RendezvousError as exc:
+                self._set_exit(policy.EXIT_FAILED, f"rendezvous failed: {type(exc).__name__}: {exc}")
             except ScriptFailed as exc:
                 self._set_exit(exc.exit_code, str(exc))
+            except Exception as exc:
+                # The store went away mid-operation, a monitor blew up...: still stop cleanly.
+                logger.exception("agent error")
+                self._set_exit(policy.EXIT_FAILED, f"agent error: {type(exc).__name__}: {exc}")
             self._finish()
             return self._exit_code
         finally:

@@ -3,7 +3,13 @@
 A restart with plain torchrun pays a fresh interpreter's ``import torch`` and, at DDP construction,
 ``import torch._dynamo`` (about 1.6 s of its 2 s on our machines). ``StandbyPool`` keeps ``size``
 ``python -u -m stalwart.worker.bootstrap`` processes per node that did those imports ahead of time and
-promotes one to a worker on ``launch``; the pool then refills in the background.
+promotes one to a worker on ``launch``; the pool then refills in the background, once the workers
+it promoted before they were ready have finished importing (so that at a job's first start, when
+every worker is such a standby, refills do not compete with them for the CPUs).
+
+Start the pool with the workers' base environment (``env``): what the interpreter and torch read at
+start-up is fixed in a standby (``stalwart.worker.bootstrap.import_sensitive_env``), so a spec that
+differs there gets a fresh process (logged once as a warning). Per-rank variables are free to differ.
 
 Every process the pool starts is its own process-group leader and dies with the agent
 (``PR_SET_PDEATHSIG``, set by the bootstrap). The kernel sends that signal when the *thread* that
@@ -60,6 +66,7 @@ class LaunchSpec:
     no_python: bool = False
 
     def to_message(self) -> dict[str, Any]:
+        """The JSON message the bootstrap reads (see ``stalwart.worker.bootstrap``)."""
         return {
             "entrypoint": self.entrypoint,
             "args": list(self.args),

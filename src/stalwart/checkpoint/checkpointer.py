@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -225,9 +226,12 @@ class Checkpointer:
                 local = value.to_local() if hasattr(value, "to_local") else value
                 shape = tuple(local.shape)
                 pieces.append(Piece(leaf.path, local, shape, (0,) * len(shape), rank=self.rank))
-            elif saves_piece(value, self.rank):
+            else:
+                # replicas are snapshotted too (a restarted rank reloads them from its memory
+                # tier) but written to durable storage by one rank only
                 local, global_shape, box = local_box(value)
-                pieces.append(Piece(leaf.path, local, global_shape, box.offsets))
+                durable = saves_piece(value, self.rank)
+                pieces.append(Piece(leaf.path, local, global_shape, box.offsets, durable=durable))
         values_json_check(values)
         return pieces, values
 
@@ -264,69 +268,85 @@ class Checkpointer:
     def _persist_or_raise(
         self, step: int, slot: int, layout: Layout, buf: torch.Tensor, values: dict[str, Any], attempt: str
     ) -> CheckpointRef:
-        hlen = len(layout.header)
         whole = as_bytes(buf)
-        data = whole[hlen:]
+        data = whole[len(layout.header) :]
         directory = step_dir(step)
         name = shard_name(self.rank)
-        ref = CheckpointRef(step, f"{self.storage.uri.rstrip('/')}/{directory}", "durable", committed=True)
+        durable = [p for p in layout.pieces if p.durable]
+        ref = CheckpointRef(
+            step, f"{self.storage.uri.rstrip('/')}/{directory}", "durable", committed=self.rank == 0
+        )
         written: Future[None] | None = None
         if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
             # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
-            shard = [memoryview(whole)] if layout.pieces else None
-            written = self._io.submit(self._write_shard, f"{directory}/{name}", shard)
-        crcs = [crc_slices(data[p.start : p.start + p.nbytes]) for p in layout.pieces]
-        entry = file_entry(layout, crcs)
-
-        def part(file_name: str | None) -> PartRecord:
-            tensors = [
-                TensorEntry(
-                    path=list(p.path),
-                    dtype=dtype_to_code(p.tensor.dtype),
-                    global_shape=list(p.global_shape),
-                    rank=p.rank,
-                    chunks=[
-                        ChunkEntry(
-                            file=file_name or "",
-                            start=hlen + p.start,
-                            nbytes=p.nbytes,
-                            offsets=list(p.offsets),
-                            shape=list(p.tensor.shape),
-                            crcs=c,
-                        )
-                    ],
-                )
-                for p, c in zip(layout.pieces, crcs, strict=True)
-            ]
-            has_file = file_name is not None and bool(layout.pieces)
-            return PartRecord(
-                step=step,
-                rank=self.rank,
-                world_size=self.world_size,
-                attempt=attempt,
-                file=entry if has_file else None,
-                file_name=file_name if has_file else None,
-                tensors=tensors,
-                values=values,
+            shard = (
+                [memoryview(layout.durable_header), memoryview(data[: layout.durable_bytes])]
+                if durable
+                else None
             )
-
+            written = self._io.submit(self._write_shard, f"{directory}/{name}", shard)
+        crcs = {id(p): crc_slices(data[p.start : p.start + p.nbytes]) for p in layout.pieces}
         if self.memory is not None and self.memory.holds(slot, buf):
-            self.memory.commit(slot, part(MemoryTier.shard(slot)))
+            self.memory.commit(
+                slot,
+                self._part(step, attempt, MemoryTier.shard(slot), layout.header, layout.pieces, crcs, values),
+            )
         if written is None:
             logger.info(
                 "checkpoint step %d is already committed in %s; not rewriting it", step, self.storage.uri
             )
-            return ref
+            return dataclasses.replace(ref, committed=True)
         written.result()
-        self.storage.write_atomic(
-            f"{directory}/{part_name(self.rank)}", part(name).model_dump_json().encode()
-        )
+        part = self._part(step, attempt, name, layout.durable_header, durable, crcs, values)
+        self.storage.write_atomic(f"{directory}/{part_name(self.rank)}", part.model_dump_json().encode())
         if self.rank == 0:
             self._commit(step, attempt)
             self._metrics.last_step.set(step)
             self._retain()
         self._metrics.saves.inc()
         return ref
+
+    def _part(
+        self,
+        step: int,
+        attempt: str,
+        file_name: str,
+        header: bytes,
+        pieces: list[Piece],
+        crcs: dict[int, list[int]],
+        values: dict[str, Any],
+    ) -> PartRecord:
+        """The record of one file holding ``pieces`` after ``header`` (memory slot or durable shard)."""
+        tensors = [
+            TensorEntry(
+                path=list(p.path),
+                dtype=dtype_to_code(p.tensor.dtype),
+                global_shape=list(p.global_shape),
+                rank=p.rank,
+                chunks=[
+                    ChunkEntry(
+                        file=file_name,
+                        start=len(header) + p.start,
+                        nbytes=p.nbytes,
+                        offsets=list(p.offsets),
+                        shape=list(p.tensor.shape),
+                        crcs=crcs[id(p)],
+                    )
+                ],
+            )
+            for p in pieces
+        ]
+        entry = file_entry(header, pieces, [crcs[id(p)] for p in pieces]) if pieces else None
+        return PartRecord(
+            step=step,
+            rank=self.rank,
+            world_size=self.world_size,
+            attempt=attempt,
+            file=entry,
+            file_name=file_name if pieces else None,
+            tensors=tensors,
+            values=values,
+        )
 
     def _write_shard(self, path: str, buffers: list[memoryview] | None) -> None:
         if buffers is not None:
@@ -410,8 +430,8 @@ class Checkpointer:
         if mem is not None and lo == hi >= 0 and lo >= newest:
             assert self.memory is not None
             memory = self.memory
-            part = mem[1]
-            if self._attempt(lambda: Source.from_part("memory", memory.storage, part), state, problems):
+            slot, part = mem
+            if self._attempt(lambda: self._memory_source(memory, slot, part), state, problems):
                 self._loaded(lo, "memory", started)
                 return lo
         bound = math.inf
@@ -429,6 +449,17 @@ class Checkpointer:
                 f"no checkpoint in {self.storage.uri} could be loaded: " + "; ".join(problems)
             )
         return None
+
+    @staticmethod
+    def _memory_source(memory: MemoryTier, slot: int, part: PartRecord) -> Source:
+        if part.file is None or part.file_name is None:
+            return Source.from_part("memory", memory.storage, part, mapped={})
+        try:
+            mapped = memory.map(slot, part.file.size)
+        except FileNotFoundError:
+            raise CheckpointCorrupt(f"{memory.dir}/{part.file_name} is missing") from None
+        _pin(mapped)
+        return Source.from_part("memory", memory.storage, part, mapped={part.file_name: mapped})
 
     def _durable_source(self, step: int) -> Source:
         try:

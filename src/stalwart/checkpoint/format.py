@@ -13,7 +13,7 @@ import json
 import math
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import google_crc32c._crc32c as _crc  # the C implementation: takes numpy arrays and bytes
@@ -125,6 +125,7 @@ class Piece:
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     rank: int | None = None
+    durable: bool = True  # False: a replica kept only in this rank's memory-tier snapshot
     start: int = 0  # byte offset in the data section
 
     @property
@@ -138,41 +139,53 @@ class Piece:
 
 @dataclass(slots=True)
 class Layout:
-    """Where each piece lives in a shard file; reused across saves while the state keeps its shape."""
+    """Where each piece lives in the staging buffer and in the shard file.
+
+    Durable pieces come first, packed; the memory-only replicas follow after 64-byte padding. The
+    staging buffer (the memory-tier file) is ``header`` + all data; the durable shard file is
+    ``durable_header`` + the first ``durable_bytes`` of the data: a valid safetensors file.
+    """
 
     pieces: list[Piece]
     header: bytes
+    durable_header: bytes
     data_bytes: int
-    signature: tuple[Any, ...] = field(default=())
+    durable_bytes: int
 
     @property
     def file_bytes(self) -> int:
         return len(self.header) + self.data_bytes
 
 
-def _signature(pieces: Sequence[Piece]) -> tuple[Any, ...]:
-    return tuple(
-        (p.path, p.rank, p.tensor.dtype, tuple(p.tensor.shape), p.global_shape, p.offsets) for p in pieces
-    )
-
-
-def plan_layout(pieces: list[Piece], metadata: dict[str, str]) -> Layout:
-    """Order the pieces, assign byte offsets and build the safetensors header."""
-    ordered = sorted(pieces, key=lambda p: -p.tensor.element_size())  # stable: keeps state order
+def _header(pieces: Sequence[Piece], metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for piece in ordered:
-        piece.start = offset
+    for piece in pieces:
         header[piece.name] = {
             "dtype": dtype_to_code(piece.tensor.dtype),
             "shape": list(piece.tensor.shape),
-            "data_offsets": [offset, offset + piece.nbytes],
+            "data_offsets": [piece.start, piece.start + piece.nbytes],
         }
-        offset += piece.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     padded = math.ceil((8 + len(raw)) / _ALIGN) * _ALIGN - 8
-    raw = raw + b" " * (padded - len(raw))
-    return Layout(ordered, struct.pack("<Q", len(raw)) + raw, offset, _signature(ordered))
+    return struct.pack("<Q", padded) + raw + b" " * (padded - len(raw))
+
+
+def plan_layout(pieces: list[Piece], metadata: dict[str, str]) -> Layout:
+    """Order the pieces, assign byte offsets and build the headers (see ``Layout``)."""
+    # stable sort: keeps state order within a dtype size
+    ordered = sorted(pieces, key=lambda p: (not p.durable, -p.tensor.element_size()))
+    offset = 0
+    durable_bytes: int | None = None
+    for piece in ordered:
+        if not piece.durable and durable_bytes is None:
+            durable_bytes = offset
+            offset = math.ceil(offset / _ALIGN) * _ALIGN
+        piece.start = offset
+        offset += piece.nbytes
+    if durable_bytes is None:
+        durable_bytes = offset
+    durable = [p for p in ordered if p.durable]
+    return Layout(ordered, _header(ordered, metadata), _header(durable, metadata), offset, durable_bytes)
 
 
 def read_header(prefix: bytes, name: str) -> dict[str, Any]:
@@ -210,7 +223,7 @@ def file_digest(header: bytes, piece_crcs: Sequence[Sequence[int]]) -> int:
     return int(_crc.extend(crc, packed))
 
 
-def file_entry(layout: Layout, piece_crcs: Sequence[Sequence[int]]) -> FileEntry:
-    return FileEntry(
-        size=layout.file_bytes, crc32c=file_digest(layout.header, piece_crcs), header_bytes=len(layout.header)
-    )
+def file_entry(header: bytes, pieces: Sequence[Piece], piece_crcs: Sequence[Sequence[int]]) -> FileEntry:
+    """The manifest entry of a file made of ``header`` and ``pieces`` (the last one ends the file)."""
+    end = max(p.start + p.nbytes for p in pieces) if pieces else 0
+    return FileEntry(size=len(header) + end, crc32c=file_digest(header, piece_crcs), header_bytes=len(header))

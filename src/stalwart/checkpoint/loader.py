@@ -55,6 +55,7 @@ class Source:
     tensors: list[TensorEntry]
     values: list[dict[str, Any]]  # per saving rank
     owner: int | None = None  # memory tier: the only rank whose values are present
+    mapped: dict[str, torch.Tensor] | None = None  # memory tier: each file mapped as uint8
 
     @classmethod
     def from_manifest(cls, tier: str, storage: Storage, manifest: Manifest) -> Source:
@@ -70,10 +71,13 @@ class Source:
         )
 
     @classmethod
-    def from_part(cls, tier: str, storage: Storage, part: PartRecord) -> Source:
+    def from_part(
+        cls, tier: str, storage: Storage, part: PartRecord, mapped: dict[str, torch.Tensor] | None = None
+    ) -> Source:
         files = {part.file_name: part.file} if part.file and part.file_name else {}
+        values = [part.values]
         return cls(
-            tier, part.step, storage, "", part.world_size, files, part.tensors, [part.values], part.rank
+            tier, part.step, storage, "", part.world_size, files, part.tensors, values, part.rank, mapped
         )
 
     def where(self, file: str) -> str:
@@ -103,6 +107,7 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
     copies: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor, tuple[slice, ...]]] = []
     setters: list[tuple[Any, Any, Any]] = []
     seen: set[tuple[str, ...]] = set()
+    mapped_jobs: list[tuple[TensorEntry, torch.Tensor, Box]] = []
 
     for leaf in flatten(state):
         if not isinstance(leaf.value, torch.Tensor):
@@ -126,11 +131,20 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
                 f"tensor {'/'.join(leaf.path)!r} is {entry.dtype}{entry.global_shape} in checkpoint step "
                 f"{source.step} but {dtype_to_code(local.dtype)}{list(global_shape)} in the state being loaded"
             )
-        _plan_tensor(entry, local, box, requests, checks, copies)
+        if source.mapped is not None:
+            mapped_jobs.append((entry, local, box))
+        else:
+            _plan_tensor(entry, local, box, requests, checks, copies)
 
     for path, entry in by_path.items():
         if path not in seen and len(entry.chunks) == 1 and entry.chunks[0].shape == entry.global_shape:
             fresh = torch.empty(entry.global_shape, dtype=dtype_from_code(entry.dtype))
+            if source.mapped is not None:
+                mapped_jobs.append(
+                    (entry, fresh, Box((0,) * len(entry.global_shape), tuple(entry.global_shape)))
+                )
+                setters.append(_insert_point(state, path, fresh))
+                continue
             _plan_tensor(
                 entry,
                 fresh,
@@ -141,6 +155,8 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
             )
             setters.append(_insert_point(state, path, fresh))
 
+    if source.mapped is not None:
+        _copy_mapped(source, mapped_jobs)
     _read_and_verify(source, requests, checks)
     for dst, dst_slices, src, src_slices in copies:
         dst[dst_slices].copy_(src[src_slices])
@@ -190,6 +206,41 @@ def _read_and_verify(
         jobs = [pool.submit(_read_chunk, source, file, chunk, buf) for file, chunk, buf in checks if buf.size]
         for job in jobs:
             job.result()
+
+
+def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box]]) -> None:
+    """Verify each piece in the mapping, then copy it straight into its target (CPU or device)."""
+    assert source.mapped is not None
+    for file, entry in source.files.items():
+        mapping = source.mapped.get(file)
+        if mapping is None or mapping.numel() != entry.size:
+            raise CheckpointCorrupt(f"{source.where(file)} is missing or has the wrong size")
+        _check_header(source, file)
+    on_device = False
+
+    def one(entry: TensorEntry, local: torch.Tensor, box: Box) -> None:
+        nonlocal on_device
+        dtype = dtype_from_code(entry.dtype)
+        for read in plan_reads(entry, box):
+            chunk = read.chunk
+            raw = source.mapped[chunk.file][chunk.start : chunk.start + chunk.nbytes]  # type: ignore[index]
+            if chunk.nbytes and crc_slices(as_bytes(raw)) != chunk.crcs:
+                raise CheckpointCorrupt(
+                    f"{source.where(chunk.file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
+                )
+            src = raw.view(dtype).view(chunk.shape) if chunk.nbytes else torch.empty(chunk.shape, dtype=dtype)
+            on_device |= local.device.type != "cpu"
+            with torch.no_grad():
+                if read.whole:
+                    local.copy_(src, non_blocking=True)
+                else:
+                    local[read.dst].copy_(src[read.src], non_blocking=True)
+
+    with ThreadPoolExecutor(2, thread_name_prefix="stalwart-load") as pool:
+        for job in [pool.submit(one, *j) for j in jobs]:
+            job.result()
+    if on_device:
+        torch.cuda.synchronize()
 
 
 def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from stalwart.checkpoint.api import PartRecord
 from stalwart.checkpoint.storage_posix import PosixStorage
-from stalwart.errors import CheckpointError, ConfigError
+from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
 
 __all__ = ["DEFAULT_SHM_ROOT", "MemoryTier", "job_dir", "remove_job"]
 
@@ -85,6 +85,18 @@ class MemoryTier:
                 "enlarge /dev/shm or disable the memory tier"
             ) from exc
         os.close(fd)
+        mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        self._maps[slot] = mapped
+        return mapped
+
+    def map(self, slot: int, nbytes: int) -> torch.Tensor:
+        """The slot's file mapped read-write (reusing this process's mapping when it has one)."""
+        current = self._maps.get(slot)
+        if current is not None and current.numel() == nbytes:
+            return current
+        path = os.path.join(self.dir, self.shard(slot))
+        if os.path.getsize(path) != nbytes:
+            raise CheckpointCorrupt(f"{path} has {os.path.getsize(path)} bytes, its record says {nbytes}")
         mapped = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         self._maps[slot] = mapped
         return mapped

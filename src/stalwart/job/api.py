@@ -99,7 +99,8 @@ class JobDescription:
     """Everything ``describe`` shows: status, nodes, restart history and recent incidents.
 
     ``history`` is one record per restart (time, node, reason); ``incidents`` holds the last
-    incidents' timelines, each a list of events as the agents recorded them.
+    incidents' timelines, each a list of events as the agents recorded them; ``timeline`` is the
+    per-incident phase table (``stalwart events``) where the backend has one.
     """
 
     status: JobStatus
@@ -108,6 +109,7 @@ class JobDescription:
     incidents: tuple[tuple[dict[str, Any], ...], ...] = ()
     where: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
+    timeline: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

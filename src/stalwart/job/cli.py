@@ -325,6 +325,9 @@ def _print_description(d: JobDescription) -> None:
             f"{k}={v}" for k, v in h.items() if k not in ("time", "lastTransitionTime") and v is not None
         )
         click.echo(f"  {when}  {rest}")
+    if d.timeline:
+        click.echo("\nRecovery (seconds per phase):")
+        click.echo("  " + d.timeline.replace("\n", "\n  "))
     if d.incidents:
         click.echo("\nLast incidents:")
         for inc in d.incidents:

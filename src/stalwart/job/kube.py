@@ -87,13 +87,11 @@ class KubernetesBackend:
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one API call; turn transport failures into a clear ``JobSubmitError``."""
-        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
             return fn(*args, _request_timeout=_TIMEOUT_S, **kwargs)
-        except ApiException:
-            raise
-        except Exception as exc:  # urllib3 MaxRetryError, timeouts, refused connections
+        except (HTTPError, OSError) as exc:  # MaxRetryError, timeouts, refused connections
             raise JobSubmitError(
                 f"cannot reach the Kubernetes API at {self._host} to {what}: {type(exc).__name__}; "
                 "check the cluster is up and your kubeconfig/context points at it"
@@ -210,8 +208,9 @@ class KubernetesBackend:
                         ) from None
                     if exc.status == 404:
                         raise JobSubmitError(
-                            f"the cluster does not serve {obj['apiVersion']} {obj['kind']}: is its operator "
-                            f"installed? Pick another kubernetes.flavour (hyperpod, pytorchjob, jobset, batch)"
+                            f"creating {what}: not found. Does namespace {self.namespace!r} exist, and does the "
+                            f"cluster serve {obj['apiVersion']} {obj['kind']} (is its operator installed)? "
+                            "Otherwise pick another kubernetes.flavour (hyperpod, pytorchjob, jobset, batch)"
                         ) from None
                     raise JobSubmitError(f"creating {what} failed: {exc.status} {exc.reason}") from None
                 created.append(obj)

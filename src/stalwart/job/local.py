@@ -1,6 +1,7 @@
 """The local backend: a job as N simulated nodes on this machine, each a detached agent.
 
-Every node runs ``stalwart run`` on 127.0.0.1; node 0 hosts the c10d store (``is_host=1``).
+Every node runs ``stalwart run`` on 127.0.0.1; node 0 hosts the c10d store (``is_host=1``). With
+``resources.gpus: G`` each node sees its own G GPUs (``CUDA_VISIBLE_DEVICES``); with 0, none.
 State and logs live under the jobs directory (``$STALWART_HOME/jobs``, default
 ``~/.stalwart/jobs``)::
 
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from stalwart.job.command import job_env, launcher_argv, plain_torchrun, run_arg
 from stalwart.job.node import EXIT_FILE, PID_FILE
 from stalwart.job.spec import JobSpec, parse_spec
 
-__all__ = ["ENV_HOME", "LocalBackend", "default_jobs_dir"]
+__all__ = ["ENV_HOME", "LocalBackend", "assign_gpus", "default_jobs_dir", "visible_gpus"]
 
 ENV_HOME = "STALWART_HOME"
 _START_TIMEOUT_S = 10.0
@@ -54,6 +55,41 @@ def default_jobs_dir() -> Path:
     """``$STALWART_HOME/jobs``, or ``~/.stalwart/jobs``; resolved at call time, never at import."""
     home = os.environ.get(ENV_HOME)
     return (Path(home) if home else Path.home() / ".stalwart") / "jobs"
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The GPUs this machine offers: ``CUDA_VISIBLE_DEVICES`` if set, else every NVML device."""
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: no GPUs
+        return []
+
+
+def assign_gpus(spec: JobSpec, available: list[str]) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` for each simulated node: disjoint slices of ``available``.
+
+    ``resources.gpus: 0`` hides every GPU (the job runs on CPU with gloo).
+    """
+    per_node = spec.resources.gpus
+    if per_node == 0:
+        return [""] * spec.nodes.max
+    need = per_node * spec.nodes.max
+    if need > len(available):
+        have = f"{len(available)} ({','.join(available)})" if available else "none"
+        raise JobError(
+            f"resources.gpus: {spec.nodes.max} local node(s) x {per_node} GPU(s) need {need} GPUs, "
+            f"this machine offers {have}; lower nodes or resources.gpus (0 runs on CPU)"
+        )
+    return [",".join(available[i * per_node : (i + 1) * per_node]) for i in range(spec.nodes.max)]
 
 
 def _free_port() -> int:
@@ -82,8 +118,11 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, jobs_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, jobs_dir: str | Path | None = None, gpus: Callable[[], list[str]] = visible_gpus
+    ) -> None:
         self.jobs_dir = Path(jobs_dir) if jobs_dir else default_jobs_dir()
+        self._gpus = gpus
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -165,6 +204,7 @@ class LocalBackend:
             raise JobError(
                 f"script: {spec.script} does not exist on this machine; check the path (cwd: {os.getcwd()})"
             )
+        devices = assign_gpus(spec, self._gpus())
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         job_dir = self.jobs_dir / spec.name
         try:
@@ -193,7 +233,10 @@ class LocalBackend:
             if sys.platform == "linux" and "GLOO_SOCKET_IFNAME" not in spec.env:
                 env["GLOO_SOCKET_IFNAME"] = "lo"  # every simulated node is on this machine
             for i in range(spec.nodes.max):
-                started.append(self._start_node(spec, job_dir, i, port, env))
+                node_env = dict(env)
+                if "CUDA_VISIBLE_DEVICES" not in spec.env:  # the user's own choice wins
+                    node_env["CUDA_VISIBLE_DEVICES"] = devices[i]
+                started.append(self._start_node(spec, job_dir, i, port, node_env))
             state = {
                 "name": spec.name,
                 "created_at": time.time(),
@@ -291,7 +334,7 @@ class LocalBackend:
         return self._status(name)[0]
 
     def describe(self, name: str) -> JobDescription:
-        from stalwart.agent.timeline import summarize
+        from stalwart.agent.timeline import format_incidents, summarize
 
         status, nodes, events = self._status(name)
         job_dir = self._dir(name)
@@ -301,7 +344,8 @@ class LocalBackend:
             if e.get("event") == "restart"
         )
         incidents = []
-        for inc in summarize(events)[-3:]:
+        summary = summarize(events)[-3:]
+        for inc in summary:
             end = (inc.recovered_at if inc.recovered_at is not None else float("inf")) + 0.001
             incidents.append(
                 tuple(
@@ -321,6 +365,7 @@ class LocalBackend:
             incidents=tuple(incidents),
             where=str(job_dir),
             spec=spec,
+            timeline=format_incidents(summary) if summary else "",
         )
 
     def events(self, name: str) -> list[dict[str, Any]]:

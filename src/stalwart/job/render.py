@@ -122,7 +122,8 @@ def _container(spec: JobSpec, name: str) -> dict[str, Any]:
 
 
 def _pod_spec(spec: JobSpec, container: str, *, restart_policy: str | None, subdomain: str | None) -> dict:
-    pod: dict[str, Any] = {"containers": [_container(spec, container)]}
+    # stalwart run gives its workers --shutdown-timeout (30 s) after SIGTERM; leave it that and more.
+    pod: dict[str, Any] = {"containers": [_container(spec, container)], "terminationGracePeriodSeconds": 60}
     if restart_policy:
         pod["restartPolicy"] = restart_policy
     if subdomain:
@@ -251,6 +252,22 @@ def render_pytorchjob(spec: JobSpec) -> list[Manifest]:
     return [job]
 
 
+# ``stalwart run`` exit codes that no pod restart can fix: 1 the job's restart budget is spent,
+# 2 usage error, 3 user error (the script failed the same way twice at start-up).
+_FATAL_EXIT_CODES = [1, 2, 3]
+
+
+def _pod_failure_policy(container: str) -> dict[str, Any]:
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": container, "operator": "In", "values": _FATAL_EXIT_CODES},
+            }
+        ]
+    }
+
+
 def render_jobset(spec: JobSpec) -> list[Manifest]:
     """A ``JobSet`` with one indexed Job of ``nodes.max`` pods, reachable by DNS hostname."""
     n = spec.nodes.max
@@ -262,6 +279,7 @@ def render_jobset(spec: JobSpec) -> list[Manifest]:
             "completions": n,
             "parallelism": n,
             "backoffLimit": spec.restart.max_restarts,
+            "podFailurePolicy": _pod_failure_policy("stalwart"),
             "template": template,
         },
     }
@@ -290,6 +308,7 @@ def render_batch(spec: JobSpec) -> list[Manifest]:
             "completions": n,
             "parallelism": n,
             "backoffLimit": spec.restart.max_restarts,
+            "podFailurePolicy": _pod_failure_policy("stalwart"),
             "template": _pod_template(spec, "stalwart", restart_policy="Never", subdomain=spec.name),
         },
     }

@@ -131,6 +131,11 @@ def _validate(args: argparse.Namespace) -> None:
     if args.restart_grace < 0:
         raise ConfigError("--restart-grace must be >= 0 seconds")
     _signals(args.signals_to_handle)
+    for mod in filter(None, args.standby_preload.split(",")):
+        if not all(part.isidentifier() for part in mod.split(".")):
+            raise ConfigError(
+                f"--standby-preload: {mod!r} is not a module name; pass e.g. numpy,transformers"
+            )
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts {args.max_restarts}: must be >= 0")
     if args.monitor_interval <= 0:

@@ -182,7 +182,7 @@ def plan_network_env(
         value, reason = wanted[key]
         name = key
         if key == _FR_BUFFER:
-            user_set = [n for n in FR_BUFFER_NAMES if n in environ]
+            user_set = [v for v in FR_BUFFER_NAMES if v in environ]
             name = (
                 user_set[0] if user_set else flight_recorder_buffer_var(torch_version or _installed_torch())
             )

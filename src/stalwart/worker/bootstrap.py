@@ -112,6 +112,7 @@ class FrameDecoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add ``data``; returns the messages it completed. Raises ``ValueError`` on garbage."""
         self._buf += data
         out = []
         while len(self._buf) >= _HEADER.size:

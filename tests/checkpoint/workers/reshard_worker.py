@@ -24,7 +24,8 @@ def full_state() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["save", "load"], required=True)
+    parser.add_argument("--mode", choices=["save", "load", "load-same"], required=True)
+    parser.add_argument("--shm", default=None, help="enable the memory tier under this root")
     parser.add_argument("--root", required=True)
     parser.add_argument("--store", required=True)
     parser.add_argument("--rank", type=int, required=True)
@@ -44,7 +45,10 @@ def main() -> None:
             "step": 0,
         }
 
-    ck = Checkpointer(args.root, CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
+    config = CheckpointConfig(
+        memory_tier=args.shm is not None, shm_root=args.shm or "/dev/shm", job="reshard"
+    )
+    ck = Checkpointer(args.root, config)
     if args.mode == "save":
         state = sharded(full["rows"], full["cols"], full["repl"])
         state["step"] = 7
@@ -56,8 +60,10 @@ def main() -> None:
         assert torch.equal(state["model"]["rows"].full_tensor(), full["rows"])
         assert torch.equal(state["model"]["cols"].full_tensor(), full["cols"])
         assert torch.equal(state["model"]["repl"], full["repl"])
-        # saved by one rank: every rank gets rank 0's per-rank state (rank % saved world size)
-        assert state["rank_state"]["rng"].item() == 100, state["rank_state"]["rng"]
+        # saved by one rank, every rank gets rank 0's per-rank state (rank % saved world size);
+        # saved by two, each rank gets its own
+        expected = 100 + args.rank if args.mode == "load-same" else 100
+        assert state["rank_state"]["rng"].item() == expected, state["rank_state"]["rng"]
         assert state["step"] == 7
     ck.close()
     dist.barrier()
