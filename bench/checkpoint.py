@@ -1,0 +1,516 @@
+"""Checkpoint benchmark: ours against this machine's ceilings, torch.save/load and DCP, in one run.
+
+State: ``--gib`` GiB of float32 tensors of 16 MiB each (1 GiB = 64 tensors). Every case runs
+``--reps`` times; the table gives medians. Ceilings, measured in the same run:
+
+- memcpy: ``copy_`` into tensors already touched (the floor of any snapshot or memory-tier load);
+- raw write: the state's bytes written by 2 threads to 2 files, then fsync;
+- raw read (cold): those files read back by 2 threads into preallocated tensors after dropping
+  the page cache (root: ``drop_caches``; else ``posix_fadvise(DONTNEED)``, labelled).
+
+Figures are fractions of their ceiling (ceiling time / case time; 1.0 = at the ceiling). Targets
+from issue 3: async blocking <= 1.5x memcpy (fraction >= 0.67), durable save >= 0.9, cold load
+>= 0.9, memory-tier load >= 0.5, each ahead of DCP. S3 figures run against SeaweedFS on loopback
+(``--s3-mib``), against boto3's own multipart upload/download of the same bytes.
+
+    python bench/checkpoint.py [--gib 1] [--reps 3] [--dir /tmp/stalwart-bench] [--no-s3]
+    python bench/checkpoint.py --gpu --gib 4      # on a CUDA machine: D2H/H2D against cudaMemcpy
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TENSOR_BYTES = 16 << 20
+sys.path.insert(0, str(ROOT / "tests"))  # the SeaweedFS launcher the tests use
+
+from stalwart.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
+from stalwart.checkpoint.memory import remove_job  # noqa: E402
+
+
+def make_state(gib: float) -> dict[str, torch.Tensor]:
+    n = max(1, round(gib * (1 << 30) / TENSOR_BYTES))
+    return {f"layer{i:03d}": torch.randn(TENSOR_BYTES // 4) for i in range(n)}
+
+
+def nbytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def drop_caches(paths: list[Path]) -> str:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "cold"
+    except OSError:
+        for path in paths:
+            for f in path.rglob("*") if path.is_dir() else [path]:
+                if f.is_file():
+                    fd = os.open(f, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+        return "cold (fadvise)"
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str, fn: Callable[[], float], *, ceiling: str | None, bytes_: int) -> None:
+        self.run_many({name: ceiling}, lambda: {name: fn()}, bytes_=bytes_)
+
+    def run_many(
+        self, cases: dict[str, str | None], fn: Callable[[], dict[str, float]], *, bytes_: int
+    ) -> None:
+        """Run ``fn`` once to warm up, then ``reps`` times; it returns seconds for each case name."""
+        fn()
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(self.args.reps):
+            for name, seconds in fn().items():
+                samples[name].append(seconds)
+        for name, ceiling in cases.items():
+            median = statistics.median(samples[name])
+            result: dict[str, Any] = {
+                "median_s": median,
+                "samples_s": samples[name],
+                "gb_per_s": bytes_ / median / 1e9,
+                "ceiling": ceiling,
+            }
+            frac = ""
+            if ceiling and ceiling in self.results:
+                result["fraction_of_ceiling"] = self.results[ceiling]["median_s"] / median
+                frac = f"  {result['fraction_of_ceiling']:.2f} of {ceiling}"
+            self.results[name] = result
+            print(f"{name:42s} {median * 1e3:9.1f} ms  {bytes_ / median / 1e9:6.2f} GB/s{frac}", flush=True)
+
+
+def local_cases(bench: Bench, workdir: Path) -> None:
+    args = bench.args
+    state = make_state(args.gib)
+    size = nbytes(state)
+    dst = {k: torch.empty_like(v).fill_(0) for k, v in state.items()}  # touched
+
+    def memcpy() -> float:
+        return timed(lambda: [dst[k].copy_(v) for k, v in state.items()])
+
+    bench.run("memcpy (ceiling)", memcpy, ceiling=None, bytes_=size)
+
+    raw = workdir / "raw"
+    raw.mkdir(exist_ok=True)
+    keys = list(state)
+    halves = [keys[0::2], keys[1::2]]
+
+    def raw_write() -> float:
+        def one(i: int) -> None:
+            with open(raw / f"part{i}", "wb", buffering=0) as f:
+                for k in halves[i]:
+                    f.write(memoryview(state[k].numpy()).cast("B"))
+                os.fsync(f.fileno())
+
+        def both() -> None:
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+
+        return timed(both)
+
+    bench.run("raw write + fsync, 2 streams (ceiling)", raw_write, ceiling=None, bytes_=size)
+
+    cold_label = drop_caches([raw])
+
+    def raw_read() -> float:
+        drop_caches([raw])
+
+        def one(i: int) -> None:
+            with open(raw / f"part{i}", "rb", buffering=0) as f:
+                for k in halves[i]:
+                    f.readinto(memoryview(dst[k].numpy()).cast("B"))
+
+        def both() -> None:
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+
+        return timed(both)
+
+    bench.run(f"raw read {cold_label}, 2 streams (ceiling)", raw_read, ceiling=None, bytes_=size)
+    read_ceiling = f"raw read {cold_label}, 2 streams (ceiling)"
+    write_ceiling = "raw write + fsync, 2 streams (ceiling)"
+    shutil.rmtree(raw)
+
+    # torch.save / torch.load
+    tfile = workdir / "torch.pt"
+
+    def torch_save() -> float:
+        def go() -> None:
+            with open(tfile, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return timed(go)
+
+    bench.run("torch.save + fsync", torch_save, ceiling=write_ceiling, bytes_=size)
+
+    def torch_load() -> float:
+        drop_caches([tfile])
+        return timed(lambda: torch.load(tfile, weights_only=True))
+
+    bench.run(f"torch.load {cold_label}", torch_load, ceiling=read_ceiling, bytes_=size)
+    tfile.unlink()
+
+    dcp_cases(bench, workdir, state, dst, size, write_ceiling, read_ceiling, cold_label)
+    our_cases(bench, workdir, state, dst, size, write_ceiling, read_ceiling, cold_label)
+    interference_cases(bench, workdir, state)
+
+
+def dcp_cases(
+    bench: Bench, workdir: Path, state: dict, dst: dict, size: int, write_c: str, read_c: str, cold: str
+) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    path = workdir / "dcp"
+
+    def save() -> float:
+        shutil.rmtree(path, ignore_errors=True)
+        writer = FileSystemWriter(str(path), thread_count=2, sync_files=True)
+        return timed(lambda: dcp.save(state, storage_writer=writer, no_dist=True))
+
+    with contextlib.redirect_stderr(io.StringIO()):  # DCP warns about running without a process group
+        bench.run("DCP save (thread_count=2, fsync)", save, ceiling=write_c, bytes_=size)
+
+        def async_save() -> dict[str, float]:
+            shutil.rmtree(path, ignore_errors=True)
+            writer = FileSystemWriter(str(path), thread_count=2, sync_files=True)
+            start = time.perf_counter()
+            future = dcp.async_save(state, storage_writer=writer, no_dist=True)
+            blocking = time.perf_counter() - start
+            future.result()
+            return {
+                "DCP async_save: blocking": blocking,
+                "DCP async_save: until durable": time.perf_counter() - start,
+            }
+
+        bench.run_many(
+            {"DCP async_save: blocking": "memcpy (ceiling)", "DCP async_save: until durable": write_c},
+            async_save,
+            bytes_=size,
+        )
+
+        def load() -> float:
+            drop_caches([path])
+            return timed(lambda: dcp.load(dst, storage_reader=FileSystemReader(str(path)), no_dist=True))
+
+        bench.run(f"DCP load {cold}", load, ceiling=read_c, bytes_=size)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def our_cases(
+    bench: Bench, workdir: Path, state: dict, dst: dict, size: int, write_c: str, read_c: str, cold: str
+) -> None:
+    job = f"bench-{os.getpid()}"
+    root = workdir / "ours"
+    config = CheckpointConfig(job=job, shm_root=bench.args.shm, keep_last=2, flush_on_sigterm=False)
+    ck = Checkpointer(str(root), config)
+    step = iter(range(1, 1000))
+    ck.save(next(step), state, blocking=True)  # first save maps and touches the staging slots
+    ck.save(next(step), state, blocking=True)
+
+    def async_save() -> dict[str, float]:
+        start = time.perf_counter()
+        ck.save(next(step), state)
+        blocking = time.perf_counter() - start
+        ck.wait()
+        return {"ours save(): blocking": blocking, "ours save(): until durable": time.perf_counter() - start}
+
+    bench.run_many(
+        {"ours save(): blocking": "memcpy (ceiling)", "ours save(): until durable": write_c},
+        async_save,
+        bytes_=size,
+    )
+    bench.run(
+        "ours save(blocking=True)",
+        lambda: timed(lambda: ck.save(next(step), state, blocking=True)),
+        ceiling=write_c,
+        bytes_=size,
+    )
+    bench.run(
+        "ours load, memory tier",
+        lambda: timed(lambda: ck.load_latest(dst)),
+        ceiling="memcpy (ceiling)",
+        bytes_=size,
+    )
+    ck.close(drop_memory=True)
+    durable = Checkpointer(str(root), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
+
+    def load_cold() -> float:
+        drop_caches([root])
+        return timed(lambda: durable.load_latest(dst))
+
+    bench.run(f"ours load {cold}", load_cold, ceiling=read_c, bytes_=size)
+    durable.close()
+    for k, v in state.items():
+        assert torch.equal(dst[k], v), f"{k} did not round-trip"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_PERSIST_CHILD = """
+import os, sys, google_crc32c._crc32c as crc, numpy as np
+src, dst = sys.argv[1], sys.argv[2]
+for line in sys.stdin:
+    data = np.fromfile(src, dtype=np.uint8)  # the staged slot, as a persist process would map it
+    crc.value(data)
+    with open(dst, "wb", buffering=0) as f:
+        f.write(memoryview(data))
+        os.fsync(f.fileno())
+    print("done", flush=True)
+"""
+
+
+def interference_cases(bench: Bench, workdir: Path, state: dict) -> None:
+    """A training loop's step time while a save persists: in our thread vs in a separate process."""
+    x = torch.randn(384, 384)
+
+    def step_time(n: int = 5) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            x @ x
+        return (time.perf_counter() - start) / n
+
+    def during(done: Callable[[], bool]) -> float:
+        times = [step_time()]
+        while not done():
+            times.append(step_time())
+        return statistics.median(times)
+
+    size = nbytes(state)
+    bench.run(
+        "train step, idle",
+        lambda: statistics.median(step_time() for _ in range(20)),
+        ceiling=None,
+        bytes_=size,
+    )
+    config = CheckpointConfig(job=f"bench-{os.getpid()}", shm_root=bench.args.shm, flush_on_sigterm=False)
+    ck = Checkpointer(str(workdir / "intf"), config)
+    steps = iter(range(1, 1000))
+    ck.save(next(steps), state, blocking=True)
+    ck.save(next(steps), state, blocking=True)
+    bench.run(
+        "train step, persist in a thread (ours)",
+        lambda: during(ck.save(next(steps), state).done),
+        ceiling="train step, idle",
+        bytes_=size,
+    )
+    slot = max(Path(ck.memory.dir).glob("slot-*.safetensors"), key=lambda p: p.stat().st_mtime)  # type: ignore[union-attr]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PERSIST_CHILD, str(slot), str(workdir / "intf-child.bin")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def in_process() -> float:
+            finished = threading.Event()
+            threading.Thread(target=lambda: (child.stdout.readline(), finished.set()), daemon=True).start()  # type: ignore[union-attr]
+            child.stdin.write("go\n")  # type: ignore[union-attr]
+            child.stdin.flush()  # type: ignore[union-attr]
+            return during(finished.is_set)
+
+        bench.run("train step, persist in a process", in_process, ceiling="train step, idle", bytes_=size)
+    finally:
+        child.kill()
+        child.wait()
+        ck.close(drop_memory=True)
+
+
+def s3_cases(bench: Bench, workdir: Path) -> None:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    from checkpoint.servers import CREDENTIALS, seaweed_server
+
+    state = make_state(bench.args.s3_mib / 1024)
+    size = nbytes(state)
+    blob = b"".join(memoryview(v.numpy()).cast("B").tobytes() for v in state.values())
+    dst = {k: torch.zeros_like(v) for k, v in state.items()}
+    with seaweed_server(str(workdir / "seaweed")) as server:
+        bucket = server.make_bucket("bench")
+        client = boto3.client("s3", endpoint_url=server.endpoint, **CREDENTIALS)
+        transfer = TransferConfig(
+            multipart_threshold=32 << 20, multipart_chunksize=32 << 20, max_concurrency=8
+        )
+
+        def upload() -> float:
+            return timed(lambda: client.upload_fileobj(io.BytesIO(blob), bucket, "raw/blob", Config=transfer))
+
+        def download() -> float:
+            return timed(lambda: client.download_fileobj(bucket, "raw/blob", io.BytesIO(), Config=transfer))
+
+        bench.run("S3 boto3 upload_fileobj (reference)", upload, ceiling=None, bytes_=size)
+        bench.run("S3 boto3 download_fileobj (reference)", download, ceiling=None, bytes_=size)
+        config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+        ck = Checkpointer(f"s3://{bucket}/ours", config, endpoint_url=server.endpoint, **CREDENTIALS)
+        step = iter(range(1, 1000))
+        bench.run(
+            "S3 ours save(blocking=True)",
+            lambda: timed(lambda: ck.save(next(step), state, blocking=True)),
+            ceiling="S3 boto3 upload_fileobj (reference)",
+            bytes_=size,
+        )
+        bench.run(
+            "S3 ours load",
+            lambda: timed(lambda: ck.load_latest(dst)),
+            ceiling="S3 boto3 download_fileobj (reference)",
+            bytes_=size,
+        )
+        ck.close()
+
+
+def gpu_cases(bench: Bench) -> None:
+    """Device-to-host snapshot into pinned shared memory and host-to-device reload, vs cudaMemcpy."""
+    assert torch.cuda.is_available(), "--gpu needs a CUDA device"
+    n = max(1, round(bench.args.gib * (1 << 30) / TENSOR_BYTES))
+    dev = {f"layer{i:03d}": torch.randn(TENSOR_BYTES // 4, device="cuda") for i in range(n)}
+    size = nbytes(dev)
+    pinned = {k: torch.empty_like(v, device="cpu").pin_memory() for k, v in dev.items()}
+
+    def d2h() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for k, v in dev.items():
+            pinned[k].copy_(v, non_blocking=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def h2d() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for k, v in dev.items():
+            v.copy_(pinned[k], non_blocking=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    bench.run("cudaMemcpy D2H pinned (ceiling)", d2h, ceiling=None, bytes_=size)
+    bench.run("cudaMemcpy H2D pinned (ceiling)", h2d, ceiling=None, bytes_=size)
+    root = Path(tempfile.mkdtemp(prefix="stalwart-gpu-"))
+    ck = Checkpointer(
+        str(root), CheckpointConfig(job=f"gpu-{os.getpid()}", shm_root=bench.args.shm, flush_on_sigterm=False)
+    )
+    step = iter(range(1, 1000))
+    ck.save(next(step), dev, blocking=True)
+    ck.save(next(step), dev, blocking=True)
+
+    def snapshot() -> float:
+        start = time.perf_counter()
+        ck.save(next(step), dev)
+        blocking = time.perf_counter() - start
+        ck.wait()
+        return blocking
+
+    bench.run(
+        "ours save(): blocking D2H snapshot", snapshot, ceiling="cudaMemcpy D2H pinned (ceiling)", bytes_=size
+    )
+    bench.run(
+        "ours load, memory tier -> GPU",
+        lambda: timed(lambda: ck.load_latest(dev)),
+        ceiling="cudaMemcpy H2D pinned (ceiling)",
+        bytes_=size,
+    )
+    ck.close(drop_memory=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def write_results(bench: Bench, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "torch": torch.__version__,
+        "gib": bench.args.gib,
+        "reps": bench.args.reps,
+        "s3_mib": bench.args.s3_mib,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "cases": bench.results}, indent=2) + "\n")
+    lines = [
+        f"# Checkpoint benchmark ({bench.args.gib:g} GiB state, S3 {bench.args.s3_mib} MiB, medians of {bench.args.reps})",
+        "",
+        f"{meta['cpus']} CPUs, load average at the end {meta['loadavg'][0]:.2f}, torch {meta['torch']}.",
+        "Fraction = ceiling time / case time (1.0 = at the ceiling).",
+        "",
+        "| case | median ms | GB/s | ceiling | fraction |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for case, r in bench.results.items():
+        frac = f"{r['fraction_of_ceiling']:.2f}" if "fraction_of_ceiling" in r else ""
+        lines.append(
+            f"| {case} | {r['median_s'] * 1e3:.1f} | {r['gb_per_s']:.2f} | {r['ceiling'] or ''} | {frac} |"
+        )
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / name}.json and .md")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/stalwart-bench")
+    parser.add_argument("--shm", default="/dev/shm")
+    parser.add_argument("--s3-mib", type=int, default=256)
+    parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="run the CUDA cases only")
+    parser.add_argument(
+        "--out", default=None, help="results name under bench/results (default: checkpoint[_gpu])"
+    )
+    args = parser.parse_args()
+    bench = Bench(args)
+    if args.gpu:
+        gpu_cases(bench)
+        write_results(bench, args.out or "checkpoint_gpu")
+        return
+    workdir = Path(args.dir) / f"run-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the cleanup below
+    try:
+        local_cases(bench, workdir)
+        if not args.no_s3:
+            s3_cases(bench, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        remove_job(f"bench-{os.getpid()}", args.shm)
+    write_results(bench, args.out or "checkpoint")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,14 @@
 """Recovery benchmark: SIGKILL one worker, time until training takes its next step.
 
-The same script (``examples/train.py``: 2 gloo workers, checkpoint every 10 steps) runs under
+The same script (``examples/train.py``: 2 gloo workers, checkpoint every 50 steps) runs under
 ``torchrun`` and under ``stalwart run``, alternating, several repetitions each, in one run of
 this benchmark. At ``--kill-step`` the benchmark SIGKILLs worker rank 1 from outside (its pid
 comes from the worker's ``started`` line, checked with psutil to be a live descendant of the
-launcher). Recovery time is from the kill to the first step any worker completes afterwards (its
-wall clock, printed in the step line). A run has *recovered* when that step came and the job then
-finished with exit code 0.
+launcher). Recovery time is from the kill to the first step of the restarted generation (the
+worker's wall clock, printed in its step line). A run has *recovered* when that step came and the
+job then finished with exit code 0, within ``--run-timeout``.
 
-Each launcher runs in its own network namespace with only ``lo`` up (torchrun's store binds the
+Both launchers run in one network namespace with only ``lo`` up (torchrun's store binds the
 wildcard address). Needs root. Results: ``bench/results/recovery.json`` and ``recovery.md``.
 
     python bench/recovery.py [--reps 5] [--launchers torchrun,stalwart]
@@ -45,6 +45,7 @@ RESULTS = ROOT / "bench" / "results"
 RE_STARTED = re.compile(r"started rank (\d+) pid (\d+) gen (\d+)")
 RE_STEP = re.compile(r"step (\d+) loss (\S+) t ([\d.]+) gen (\d+)")
 RE_DONE = re.compile(r"done steps \d+ final_loss (\S+)")
+RE_TIMING = re.compile(r"timing gen (\d+) ((?:\w+ [\d.]+ ?)+)")
 
 
 @dataclass
@@ -62,6 +63,10 @@ class Run:
     exit_code: int | None = None
     final_loss: str | None = None
     loadavg_at_kill: float | None = None
+    worker_phases: dict[str, float] = field(default_factory=dict)  # s after the kill, restarted rank 0
+    agent_events: list[tuple[str, int, float]] = field(
+        default_factory=list
+    )  # (event, generation, s after kill)
     error: str = ""
     recovered: bool = False
     tail: list[str] = field(default_factory=list)
@@ -165,6 +170,12 @@ def one_run(args: argparse.Namespace, launcher: str, rep: int, ns: str, work: Pa
                     # a step of a new generation: an old worker may still finish the step it was in
                     run.recovery_s = round(t - t_kill, 3)
                     run.resumed_step, run.generation_after = step, gen
+            for m in RE_TIMING.finditer(line):
+                if t_kill is not None and int(m.group(1)) > (run.gen_at_kill or 0) and not run.worker_phases:
+                    kv = m.group(2).split()
+                    run.worker_phases = {
+                        k: round(float(v) - t_kill, 3) for k, v in zip(kv[::2], kv[1::2], strict=True)
+                    }
             for m in RE_DONE.finditer(line):
                 run.final_loss = m.group(1)
         else:
@@ -177,10 +188,24 @@ def one_run(args: argparse.Namespace, launcher: str, rep: int, ns: str, work: Pa
             _kill_tree(proc.pid)
         proc.wait()
     run.exit_code = proc.returncode
+    if t_kill is not None:
+        run.agent_events = _agent_events(work / f"{launcher}-{rep}-logs", t_kill)
     run.recovered = run.recovery_s is not None and run.exit_code == 0 and run.final_loss is not None
     if not run.recovered:
         run.tail = tail[-15:]
     return run
+
+
+def _agent_events(log_dir: Path, t_kill: float) -> list[tuple[str, int, float]]:
+    """stalwart's recovery events (its JSONL timeline) from the kill on; torchrun writes none."""
+    events = []
+    for path in log_dir.glob("events-*.jsonl"):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                e = json.loads(line)
+                if e["time"] >= t_kill - 1:
+                    events.append((e["event"], int(e["generation"]), round(e["time"] - t_kill, 3)))
+    return sorted(events, key=lambda e: e[2])
 
 
 def _kill_worker(
@@ -227,7 +252,10 @@ def markdown(summary: dict, args: argparse.Namespace, meta: dict) -> str:
         "",
         f"SIGKILL of worker rank 1 at step {args.kill_step} of `examples/train.py` (2 gloo workers, hidden "
         f"{args.hidden}, {args.step_time}s per step, checkpoint every {args.ckpt_every} steps); time from the kill "
-        "to the next completed step (a step of the restarted generation). Both launchers with `--standalone --max-restarts "
+        "to the next completed step (a step of the restarted generation). The kill comes about 10 s into "
+        "training, as faults do in real jobs: at a job's first start every worker is a promoted warm "
+        "standby and stalwart refills the pool in the background, so a kill in the first seconds meets "
+        "standbys still importing torch. Both launchers with `--standalone --max-restarts "
         f"{args.max_restarts}`, each in a loopback-only network namespace, alternating, {args.reps} runs each.",
         "",
         f"A run *recovered* when such a step came and the job then finished with exit code 0, all within "
@@ -260,15 +288,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SIGKILL a worker; time torchrun's and stalwart's recovery.")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--launchers", default="torchrun,stalwart")
-    p.add_argument("--kill-step", type=int, default=25)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--ckpt-every", type=int, default=10)
+    p.add_argument("--kill-step", type=int, default=150)
+    p.add_argument("--steps", type=int, default=170)
+    p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--step-time", type=float, default=0.05)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--pg-timeout", type=float, default=20.0, help="bounds a hung gloo re-connect")
     p.add_argument("--max-restarts", type=int, default=3)
     p.add_argument("--run-timeout", type=float, default=150.0)
     p.add_argument("--out", default=str(RESULTS), help="directory for recovery.json and recovery.md")
+    p.add_argument("--workdir", default="", help="keep logs and checkpoints here (default: a temporary dir)")
     p.add_argument(
         "--render", action="store_true", help="only rewrite recovery.md from recovery.json in --out"
     )
@@ -311,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="stalwart-bench-") as work, loopback_netns() as ns:
+    keep = (
+        contextlib.nullcontext(args.workdir)
+        if args.workdir
+        else tempfile.TemporaryDirectory(prefix="stalwart-bench-")
+    )
+    with keep as work, loopback_netns() as ns:
         for rep in range(args.reps):
             for launcher in args.launchers:  # alternate, so that load drifts hit both alike
                 r = one_run(args, launcher, rep, ns, Path(work))
@@ -324,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, args.launchers)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "render")}
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "render", "workdir")}
     (out / "recovery.json").write_text(
         json.dumps(
             {"params": params, "machine": meta, "summary": summary, "runs": [asdict(r) for r in runs]},

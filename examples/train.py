@@ -17,6 +17,7 @@ Output lines (rank 0 unless noted)::
 
     started rank R pid P gen G resume_step S      (every rank)
     step N loss X t WALLCLOCK gen G
+    timing gen G main T pg T setup T ckpt T ddp T first_step T   (wall clocks, a generation's first step)
     done steps N final_loss REPR
 """
 
@@ -98,9 +99,11 @@ def batch(seed: int, step: int, rank: int, teacher: torch.Tensor) -> tuple[torch
 
 
 def main(argv: list[str] | None = None) -> None:
+    marks = {"main": time.time()}  # where a restart's time goes: see the timing line
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.pg_timeout))
+    marks["pg"] = time.time()
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = os.environ.get("STALWART_GENERATION", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     model = make_model(args.hidden, args.seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     teacher = torch.randn(IN_DIM, OUT_DIM, generator=torch.Generator().manual_seed(args.seed + 1))
+    marks["setup"] = time.time()
     start, loss_value = 1, float("nan")
     state = load_checkpoint(args.ckpt_dir)
     if state is not None:
@@ -117,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         opt.load_state_dict(state["optimizer"])
         start = state["step"] + 1
         loss_value = state["loss"]
+    marks["ckpt"] = time.time()
     print(f"started rank {rank} pid {os.getpid()} gen {gen} resume_step {start - 1}", flush=True)
     ddp = DistributedDataParallel(model)
+    marks["ddp"] = time.time()
 
     for step in range(start, args.steps + 1):
         x, y = batch(args.seed, step, rank, teacher)
@@ -131,7 +137,14 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_reduce(total)
         loss_value = report(step, loss=total.item() / world)
         if rank == 0:
-            print(f"step {step} loss {loss_value:.6f} t {time.time():.4f} gen {gen}", flush=True)
+            now = time.time()
+            if step == start:
+                print(
+                    f"timing gen {gen} "
+                    + " ".join(f"{k} {v:.4f}" for k, v in marks.items())
+                    + f" first_step {now:.4f}"
+                )
+            print(f"step {step} loss {loss_value:.6f} t {now:.4f} gen {gen}", flush=True)
             if args.ckpt_dir and step % args.ckpt_every == 0:
                 save_checkpoint(
                     args.ckpt_dir,

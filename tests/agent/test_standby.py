@@ -235,32 +235,6 @@ def test_standbys_that_keep_failing_at_start_up_are_given_up_with_a_clear_log(
             pipe.close()
 
 
-def _started_at(pid: int) -> float:
-    """Process start, in seconds since boot (CLOCK_BOOTTIME), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
-def test_refill_waits_for_a_standby_promoted_while_still_importing(
-    base_env: dict[str, str], tmp_path: Path, launched: list
-) -> None:
-    # At a job's first start the workers are standbys still importing torch; refilling then
-    # would double the import work competing for the CPUs.
-    _script(
-        tmp_path, "import time\nprint(time.clock_gettime(time.CLOCK_BOOTTIME), flush=True)\ntime.sleep(300)\n"
-    )
-    env = {**base_env, "H6_POOL": "first"}
-    with StandbyPool(1, env=env) as pool:
-        _wait_for(lambda: len(_bootstraps("first")) == 1, "a standby process")
-        worker = pool.launch(LaunchSpec("script.py", (), env, str(tmp_path)))
-        launched.append(worker)
-        assert worker.stdout is not None
-        imported_at = float(worker.stdout.readline())  # the script runs once the imports are done
-        _wait_for(lambda: len(_bootstraps("first") - {worker.pid}) == 1, "a refilled standby")
-        (refill,) = _bootstraps("first") - {worker.pid}
-        assert _started_at(refill) >= imported_at - 0.05
-
-
 def test_size_zero_starts_no_standbys_and_launches_fresh(
     base_env: dict[str, str], tmp_path: Path, launched: list
 ) -> None:
@@ -280,7 +254,7 @@ def test_close_kills_standbys_but_not_launched_workers(
 ) -> None:
     _script(tmp_path, "import time\nprint('up', flush=True)\ntime.sleep(300)\n")
     env = {**base_env, "H6_POOL": "close"}
-    pool = StandbyPool(2, env=env, refill_delay=300)
+    pool = StandbyPool(2, env=env)
     pool.start()
     try:
         _wait_for(lambda: len(_bootstraps("close")) == 2, "2 standby processes")
@@ -288,10 +262,12 @@ def test_close_kills_standbys_but_not_launched_workers(
         worker = pool.launch(LaunchSpec("script.py", (), env, str(tmp_path)))
         launched.append(worker)
         standbys = _bootstraps("close") - {worker.pid}
-        assert len(standbys) == 1
+        assert standbys  # the other one, and maybe already its replacement
     finally:
         pool.close()
     assert all(_gone(pid) for pid in standbys)
+    # A replacement whose spawn was in flight during close() is killed as it arrives.
+    _wait_for(lambda: not _bootstraps("close") - {worker.pid}, "no standby left", 30)
     assert worker.stdout is not None and worker.stdout.readline() == b"up\n"
     assert worker.poll() is None
     with pytest.raises(RuntimeError, match="after close"):

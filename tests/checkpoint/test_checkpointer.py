@@ -305,3 +305,22 @@ def test_a_corrupt_memory_snapshot_falls_back_to_the_durable_tier(
     assert f"{slot.name} fails its checksum" in caplog.text
     assert "from the durable tier" in caplog.text
     ck.close(drop_memory=True)
+
+
+def test_an_optimizer_state_dict_loads_into_an_empty_dict_with_its_int_keys(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False), distributed=False)
+    ck.save(1, {"model": model.state_dict(), "optimizer": opt.state_dict(), "loss": 0.5}, blocking=True)
+    ck.close()
+    loaded: dict[str, Any] = {}
+    assert Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False)).load_latest(loaded) == 1
+    assert loaded["loss"] == 0.5 and set(loaded["optimizer"]["state"]) == {0, 1}
+    fresh = torch.optim.Adam(torch.nn.Linear(4, 2).parameters(), lr=0.5)
+    fresh.load_state_dict(loaded["optimizer"])
+    assert fresh.param_groups[0]["lr"] == 0.01
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer
@@ -103,3 +104,17 @@ def test_two_ranks_restarted_on_the_same_node_reload_replicas_from_their_memory_
     for shard in root.glob("step-000000007/rank-*.safetensors"):
         shard.unlink()  # only the memory tier can serve the reload now
     _run_two_ranks("load-same", root, tmp_path, shm)
+
+
+def test_a_sharding_that_leaves_gaps_is_refused_naming_the_tensor() -> None:
+    from stalwart.checkpoint.api import ChunkEntry, TensorEntry
+    from stalwart.checkpoint.reshard import Box, plan_reads
+    from stalwart.errors import CheckpointError
+
+    half = ChunkEntry(
+        file="rank-00000.safetensors", start=0, nbytes=24, offsets=[0, 0], shape=[2, 3], crcs=[0]
+    )
+    entry = TensorEntry(path=["model", "rows"], dtype="F32", global_shape=[4, 3], chunks=[half])
+    assert len(plan_reads(entry, Box((0, 0), (2, 3)))) == 1  # the saved half is enough for this rank
+    with pytest.raises(CheckpointError, match=r"model/rows: the saved pieces cover 3 of the 6 elements"):
+        plan_reads(entry, Box((1, 0), (2, 3)))

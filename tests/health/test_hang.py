@@ -94,8 +94,14 @@ def test_a_repeated_hang_at_the_same_step_backs_off() -> None:
     assert len(m.poll(clock())) == 1
     m.stop()
     m.start(context(clock))  # the restarted generation resumes and stalls at the same step again
-    _learn(clock, m, interval=1.0, steps=6, ranks=1)
-    assert m.timeout_for(m._ranks[10]) == pytest.approx(12.0)
+    _report(clock, m, 4)
+    clock.advance(1.0)
+    _report(clock, m, 5)
+    assert m.timeout_for(m._ranks[10]) == pytest.approx(600.0)  # warm-up after the restart
+    clock.advance(1.0)
+    _report(clock, m, 6)
+    clock.advance(1.0)
+    assert m.timeout_for(m._ranks[10]) == pytest.approx(12.0)  # learned in generation 0, backed off
     clock.advance(10)  # 11 s since the last report
     assert m.poll(clock()) == []
     clock.advance(2)

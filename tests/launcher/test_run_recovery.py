@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,28 @@ def test_run_help_lists_torchrun_and_stalwart_flags() -> None:
         "--user-error-threshold",
     ):
         assert flag in p.stdout
+
+
+def test_a_hung_rank_is_detected_by_the_hang_monitor_and_the_job_restarts(stalwart: StalwartRunner) -> None:
+    p = stalwart.start(
+        "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--no-standby", "--node-name", "h",
+        "--fault", "hang:rank=1:step=6", "--hang-floor", "2",
+        *stalwart.tiny_args(10, "--step-time", "0.1"),
+    )  # fmt: skip
+    out = _finish(p)
+    assert p.returncode == 0, out
+    faults = [e["fault"] for e in stalwart.events() if e["event"] == "fault" and e["verdict"] == "restart"]
+    assert [f["kind"] for f in faults] == ["hang"], faults
+    assert [s for g, s in stalwart.progress_of(1) if g == 1] == [7, 8, 9, 10]
+    assert list((stalwart.log_dir / "stacks").glob("stacks-rank1-*")), "no stack dump of the hung rank"
+
+
+def test_a_status_port_in_use_is_a_clear_error(stalwart: StalwartRunner) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = stalwart.start("--standalone", "--status-port", str(port), *stalwart.tiny_args(1))
+        out = _finish(p)
+    assert p.returncode == 2, out
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "pick a free port" in out

@@ -44,7 +44,7 @@ from stalwart.agent.procs import OutputPump, make_launcher, stop_processes
 from stalwart.agent.status import AgentMetrics, StatusServer
 from stalwart.agent.timeline import Timeline, format_incidents, load_events, summarize
 from stalwart.agent.workerenv import error_file, launch_spec, run_script
-from stalwart.errors import SignalReceived
+from stalwart.errors import ConfigError, SignalReceived
 from stalwart.health.api import Action, Fault, FaultKind, MonitorContext
 from stalwart.worker import api as wapi
 from stalwart.worker.channel import ReportReceiver
@@ -154,18 +154,24 @@ class StalwartAgent(SimpleElasticAgent):
     # -- services -----------------------------------------------------------------------------
 
     def _start_services(self) -> None:
-        self._receiver.start()
-        self._launcher.start()
         if self.cfg.status_port is not None:
-            self._status = StatusServer(
-                self.cfg.status_host, self.cfg.status_port, self.snapshot, self.registry
-            )
+            try:
+                self._status = StatusServer(
+                    self.cfg.status_host, self.cfg.status_port, self.snapshot, self.registry
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"--status-host/--status-port: cannot listen on {self.cfg.status_host}:"
+                    f"{self.cfg.status_port} ({exc}); pick a free port, or 0 to turn the endpoint off"
+                ) from exc
             self._status.start()
             host, port = self._status.address
             url = f"http://{host}:{port}"
             with open(os.path.join(self.cfg.log_dir, f"status-{self.cfg.node}.url"), "w") as f:
                 f.write(url + "\n")
             self._say(f"status at {url}/status and {url}/metrics")
+        self._receiver.start()
+        self._launcher.start()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         raise SignalReceived(signum)

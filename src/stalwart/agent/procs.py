@@ -1,13 +1,11 @@
 """Starting and stopping worker processes, and carrying their output.
 
-Workers are started through one ``Launcher`` interface: the warm-standby pool
-(``stalwart.agent.standby.StandbyPool``) when available and enabled, else ``DirectLauncher``,
-which starts a fresh interpreter in the same shape (pipes, own process group, PDEATHSIG).
+Workers are started through one ``Launcher`` interface, implemented by the warm-standby pool
+(``stalwart.agent.standby.StandbyPool``; size 0 starts every worker fresh).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -22,7 +20,6 @@ from typing import IO, Any, Protocol
 from stalwart.agent.standby import LaunchSpec, StandbyPool
 
 __all__ = [
-    "DirectLauncher",
     "LaunchSpec",  # re-exported from stalwart.agent.standby
     "Launcher",
     "OutputPump",
@@ -44,51 +41,13 @@ class Launcher(Protocol):
     def close(self) -> None: ...
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: die with the agent even if it is SIGKILLed.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-
-
-class DirectLauncher:
-    """Starts each worker as a fresh process (no standby): ``python -u script args``."""
-
-    def __init__(self, python: str = sys.executable) -> None:
-        self.python = python
-
-    def start(self) -> None:
-        pass
-
-    def launch(self, spec: LaunchSpec) -> subprocess.Popen[bytes]:
-        if spec.no_python:
-            argv = [spec.entrypoint, *spec.args]
-        elif spec.module:
-            argv = [self.python, "-u", "-m", spec.entrypoint, *spec.args]
-        else:
-            argv = [self.python, "-u", spec.entrypoint, *spec.args]
-        return subprocess.Popen(
-            argv,
-            env=dict(spec.env),
-            cwd=spec.cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_child_setup,
-        )
-
-    def close(self) -> None:
-        pass
-
-
 def make_launcher(standby: int, preload: Sequence[str], env: Mapping[str, str]) -> Launcher:
-    """The standby pool when ``standby > 0`` and the module is available, else ``DirectLauncher``."""
-    if standby > 0:
-        return StandbyPool(size=standby, preload=tuple(preload), env=dict(env))
-    return DirectLauncher()
+    """The worker launcher: a pool of ``standby`` warm workers (0: every worker starts fresh).
+
+    Fresh workers also go through the pool's bootstrap, so every worker gets the same set-up
+    (PDEATHSIG, its own process group, the stack-dump handler) with or without standbys.
+    """
+    return StandbyPool(size=standby, preload=tuple(preload), env=dict(env))
 
 
 def kill_group(pid: int, sig: int) -> None:

@@ -12,12 +12,12 @@ This module does no I/O.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
-
-from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "FORMAT_VERSION",
@@ -78,11 +78,40 @@ class CheckpointRef:
     committed: bool
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise ValueError(f"{where}: missing field {key!r}")
+    value = d[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ValueError(f"{where}: field {key!r} has the wrong type {type(value).__name__}")
+    return value
 
 
-class ChunkEntry(_Model):
+def _ints(d: Any, key: str, where: str) -> list[int]:
+    values = _get(d, key, list, where)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{where}: field {key!r} must be a list of integers")
+    return values
+
+
+class _Record:
+    """JSON in and out for the frozen dataclasses below (no pickle, no code on load)."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Any:
+        """Parse and validate; raises ``ValueError`` naming the bad field."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        return cls.from_dict(data)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkEntry(_Record):
     """One saved piece of a tensor: where it sits in the global tensor and in which file."""
 
     file: str
@@ -97,8 +126,21 @@ class ChunkEntry(_Model):
     crcs: list[int]
     """crc32c of each ``CHUNK_BYTES`` slice of the piece, in order."""
 
+    @classmethod
+    def from_dict(cls, d: Any) -> ChunkEntry:
+        w = "chunk"
+        return cls(
+            _get(d, "file", str, w),
+            _get(d, "start", int, w),
+            _get(d, "nbytes", int, w),
+            _ints(d, "offsets", w),
+            _ints(d, "shape", w),
+            _ints(d, "crcs", w),
+        )
 
-class TensorEntry(_Model):
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry(_Record):
     """A tensor of the state: its path in the nested dict and where its pieces were saved."""
 
     path: list[str]
@@ -108,34 +150,76 @@ class TensorEntry(_Model):
     rank: int | None = None
     """The saving rank, for per-rank state (under ``RANK_STATE_KEY``); None when global."""
 
+    @classmethod
+    def from_dict(cls, d: Any) -> TensorEntry:
+        w = "tensor"
+        path = _get(d, "path", list, w)
+        if not all(isinstance(p, str) for p in path):
+            raise ValueError("tensor: path must be a list of strings")
+        rank = d.get("rank") if isinstance(d, dict) else None
+        if rank is not None and not isinstance(rank, int):
+            raise ValueError("tensor: rank must be an integer or null")
+        chunks = [ChunkEntry.from_dict(c) for c in _get(d, "chunks", list, w)]
+        return cls(path, _get(d, "dtype", str, w), _ints(d, "global_shape", w), chunks, rank)
 
-class FileEntry(_Model):
+
+@dataclass(frozen=True, slots=True)
+class FileEntry(_Record):
     """One shard file: its size and a checksum over its header and every piece's crcs."""
 
     size: int
     crc32c: int
     header_bytes: int
 
+    @classmethod
+    def from_dict(cls, d: Any) -> FileEntry:
+        w = "file"
+        return cls(_get(d, "size", int, w), _get(d, "crc32c", int, w), _get(d, "header_bytes", int, w))
 
-class PartRecord(_Model):
+
+def _values(d: Any, key: str, where: str) -> dict[str, Any]:
+    return dict(_get(d, key, dict, where)) if isinstance(d, dict) and key in d else {}
+
+
+@dataclass(frozen=True, slots=True)
+class PartRecord(_Record):
     """What one rank wrote for one save attempt; rank 0 merges these into the manifest."""
 
-    version: int = FORMAT_VERSION
     step: int
     rank: int
     world_size: int
     attempt: str
     file: FileEntry | None = None
     file_name: str | None = None
-    tensors: list[TensorEntry] = Field(default_factory=list)
-    values: dict[str, Any] = Field(default_factory=dict)
+    tensors: list[TensorEntry] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
     """Non-tensor leaves, keyed by their path joined with ``/``."""
+    version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PartRecord:
+        w = "part record"
+        file = d.get("file") if isinstance(d, dict) else None
+        name = d.get("file_name") if isinstance(d, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise ValueError("part record: file_name must be a string or null")
+        return cls(
+            _get(d, "step", int, w),
+            _get(d, "rank", int, w),
+            _get(d, "world_size", int, w),
+            _get(d, "attempt", str, w),
+            FileEntry.from_dict(file) if file is not None else None,
+            name,
+            [TensorEntry.from_dict(t) for t in _get(d, "tensors", list, w)],
+            _values(d, "values", w),
+            _get(d, "version", int, w),
+        )
 
 
-class Manifest(_Model):
+@dataclass(frozen=True, slots=True)
+class Manifest(_Record):
     """The commit record of a checkpoint. Its presence makes the checkpoint complete."""
 
-    version: int = FORMAT_VERSION
     step: int
     world_size: int
     attempt: str
@@ -144,10 +228,34 @@ class Manifest(_Model):
     tensors: list[TensorEntry]
     values: list[dict[str, Any]]
     """Non-tensor leaves of each rank, indexed by rank."""
+    version: int = FORMAT_VERSION
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Manifest:
+        w = "manifest"
+        version = _get(d, "version", int, w)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"manifest: format version {version} is newer than this stalwart ({FORMAT_VERSION})"
+            )
+        files = {str(k): FileEntry.from_dict(v) for k, v in _get(d, "files", dict, w).items()}
+        values = _get(d, "values", list, w)
+        if not all(isinstance(v, dict) for v in values):
+            raise ValueError("manifest: values must be a list of objects")
+        return cls(
+            _get(d, "step", int, w),
+            _get(d, "world_size", int, w),
+            _get(d, "attempt", str, w),
+            float(_get(d, "created_at", (int, float), w)),
+            files,
+            [TensorEntry.from_dict(t) for t in _get(d, "tensors", list, w)],
+            values,
+            version,
+        )
 
 
 @runtime_checkable

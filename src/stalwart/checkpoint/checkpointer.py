@@ -46,6 +46,7 @@ from stalwart.checkpoint.api import (
     shard_name,
     step_dir,
 )
+from stalwart.checkpoint.commit import commit_step, merge_parts, wait_for_parts
 from stalwart.checkpoint.format import (
     Layout,
     Piece,
@@ -57,7 +58,7 @@ from stalwart.checkpoint.format import (
     plan_layout,
 )
 from stalwart.checkpoint.loader import Source, load_into, values_json_check
-from stalwart.checkpoint.memory import DEFAULT_SHM_ROOT, MemoryTier, remove_job
+from stalwart.checkpoint.memory import DEFAULT_SHM_ROOT, MemoryTier, pin, remove_job
 from stalwart.checkpoint.metrics import CheckpointMetrics, checkpoint_metrics
 from stalwart.checkpoint.reshard import local_box, saves_piece
 from stalwart.checkpoint.retention import apply_retention, committed_steps
@@ -112,6 +113,10 @@ class Checkpointer:
     ``state`` is a nested dict of tensors (plain or DTensor) and JSON-able values. Plain tensors
     are taken as replicated and written by rank 0; values under ``"rank_state"`` (RNG states, a
     data-loader position) are saved by each rank and reloaded by the same rank.
+
+    ``distributed=False`` makes this process act alone (rank 0 of 1, no collectives): for a DDP
+    script where rank 0 alone saves the replicated state. Load such checkpoints on every rank with
+    a distributed ``Checkpointer`` so the ranks agree on the step.
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class Checkpointer:
         *,
         storage: Storage | None = None,
         process_group: dist.ProcessGroup | None = None,
+        distributed: bool = True,
         registry: Any = None,
         **s3_options: Any,
     ) -> None:
@@ -128,7 +134,7 @@ class Checkpointer:
         self.storage = storage or open_storage(uri, threads=self.config.io_threads, **s3_options)
         self.uri = uri
         self._pg = process_group
-        self._dist = dist.is_available() and dist.is_initialized()
+        self._dist = distributed and dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(process_group) if self._dist else 0
         self.world_size = dist.get_world_size(process_group) if self._dist else 1
         self._token = self._agree_token()
@@ -239,7 +245,7 @@ class Checkpointer:
         if self.memory is not None:
             try:
                 buf = self.memory.buffer(slot, nbytes)
-                _pin(buf)
+                pin(buf)
                 return buf
             except CheckpointError as exc:
                 logger.warning("memory tier skipped for this save: %s", exc)
@@ -298,7 +304,7 @@ class Checkpointer:
             return dataclasses.replace(ref, committed=True)
         written.result()
         part = self._part(step, attempt, name, layout.durable_header, durable, crcs, values)
-        self.storage.write_atomic(f"{directory}/{part_name(self.rank)}", part.model_dump_json().encode())
+        self.storage.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
         if self.rank == 0:
             self._commit(step, attempt)
             self._metrics.last_step.set(step)
@@ -353,60 +359,10 @@ class Checkpointer:
             self.storage.write(path, buffers)
 
     def _commit(self, step: int, attempt: str) -> None:
-        directory = step_dir(step)
-        deadline = time.monotonic() + self.config.commit_timeout_s
-        parts: dict[int, PartRecord] = {}
-        delay = 0.005
-        while len(parts) < self.world_size:
-            for rank in range(self.world_size):
-                if rank in parts:
-                    continue
-                try:
-                    record = PartRecord.model_validate_json(
-                        self.storage.read(f"{directory}/{part_name(rank)}")
-                    )
-                except (FileNotFoundError, ValueError):
-                    continue
-                if record.attempt == attempt:
-                    parts[rank] = record
-            if len(parts) == self.world_size:
-                break
-            if time.monotonic() > deadline or self._stop.is_set():
-                missing = sorted(set(range(self.world_size)) - set(parts))
-                raise CheckpointError(
-                    f"step {step}: ranks {missing} did not finish writing within {self.config.commit_timeout_s:.0f} s"
-                )
-            self._stop.wait(delay)
-            delay = min(delay * 2, 0.5)
-        merged: dict[tuple[tuple[str, ...], int | None], TensorEntry] = {}
-        files = {}
-        for rank in range(self.world_size):
-            record = parts[rank]
-            if record.file is not None and record.file_name is not None:
-                files[record.file_name] = record.file
-            for t in record.tensors:
-                key = (tuple(t.path), t.rank)
-                if key in merged:
-                    merged[key] = merged[key].model_copy(update={"chunks": merged[key].chunks + t.chunks})
-                else:
-                    merged[key] = t
-        manifest = Manifest(
-            step=step,
-            world_size=self.world_size,
-            attempt=attempt,
-            created_at=time.time(),
-            files=files,
-            tensors=list(merged.values()),
-            values=[parts[r].values for r in range(self.world_size)],
+        parts = wait_for_parts(
+            self.storage, step, self.world_size, attempt, self.config.commit_timeout_s, self._stop
         )
-        try:
-            self.storage.write_atomic(
-                f"{directory}/{MANIFEST_NAME}", manifest.model_dump_json().encode(), exclusive=True
-            )
-        except FileExistsError:
-            logger.warning(
-                "checkpoint step %d was committed by another save meanwhile; keeping that one", step
-            )
+        commit_step(self.storage, merge_parts(step, attempt, parts))
 
     def _retain(self) -> None:
         apply_retention(self.storage, self.config.keep_last, self.config.keep_every)
@@ -458,7 +414,7 @@ class Checkpointer:
             mapped = memory.map(slot, part.file.size)
         except FileNotFoundError:
             raise CheckpointCorrupt(f"{memory.dir}/{part.file_name} is missing") from None
-        _pin(mapped)
+        pin(mapped)
         return Source.from_part("memory", memory.storage, part, mapped={part.file_name: mapped})
 
     def _durable_source(self, step: int) -> Source:
@@ -467,7 +423,7 @@ class Checkpointer:
         except FileNotFoundError:
             raise CheckpointCorrupt(f"checkpoint step {step} has no manifest on this rank") from None
         try:
-            manifest = Manifest.model_validate_json(raw)
+            manifest = Manifest.from_json(raw)
         except ValueError as exc:
             raise CheckpointCorrupt(f"the manifest of step {step} is unreadable: {exc}") from None
         return Source.from_manifest("durable", self.storage, manifest)
@@ -540,12 +496,3 @@ class Checkpointer:
         elif previous != signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _pin(buf: torch.Tensor) -> None:
-    """Page-lock a shared-memory mapping for fast device copies (CUDA only; once per mapping)."""
-    if not torch.cuda.is_available() or getattr(buf, "_stalwart_pinned", False):
-        return
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
-    if int(err) == 0:
-        buf._stalwart_pinned = True  # type: ignore[attr-defined]

@@ -35,7 +35,7 @@ def _manifest(storage: Storage, step: int) -> Manifest:
             f"step {step} has no committed checkpoint in {storage.uri}: see `stalwart ckpt ls`"
         ) from None
     try:
-        return Manifest.model_validate_json(raw)
+        return Manifest.from_json(raw)
     except ValueError as exc:
         raise CheckpointCorrupt(
             f"the manifest of step {step} in {storage.uri} is unreadable: {exc}"

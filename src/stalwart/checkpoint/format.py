@@ -94,8 +94,9 @@ def flatten(state: Any, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
         items = iter(enumerate(state))
     else:
         raise CheckpointError(f"a checkpoint state must be a dict, got {type(state).__name__}")
+    is_dict = isinstance(state, dict)
     for key, value in items:
-        path = (*prefix, str(key))
+        path = (*prefix, encode_key(key) if is_dict else str(key))
         if "/" in path[-1]:
             raise CheckpointError(
                 f"state key {path[-1]!r} contains '/'; rename it (keys are joined with '/')"
@@ -104,6 +105,19 @@ def flatten(state: Any, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
             yield from flatten(value, path)
         else:
             yield Leaf(path, state, key, value)
+
+
+def encode_key(key: Any) -> str:
+    """A dict key as a path component: ints (optimizer state ids) become ``#<n>`` to come back as ints."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"#{key}"
+    return str(key)
+
+
+def decode_key(part: str) -> Any:
+    if part.startswith("#") and part[1:].lstrip("-").isdigit():
+        return int(part[1:])
+    return part
 
 
 def _has_tensor(value: Any) -> bool:

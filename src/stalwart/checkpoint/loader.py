@@ -31,6 +31,7 @@ from stalwart.checkpoint.api import (
 from stalwart.checkpoint.format import (
     as_bytes,
     crc_slices,
+    decode_key,
     dtype_from_code,
     dtype_to_code,
     file_digest,
@@ -109,9 +110,11 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
     seen: set[tuple[str, ...]] = set()
     mapped_jobs: list[tuple[TensorEntry, torch.Tensor, Box]] = []
 
+    seen_values: set[str] = set()
     for leaf in flatten(state):
         if not isinstance(leaf.value, torch.Tensor):
             key = "/".join(leaf.path)
+            seen_values.add(key)
             if key in values:
                 restored = values[key]
                 if isinstance(leaf.value, tuple) and isinstance(restored, list):
@@ -155,6 +158,9 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
             )
             setters.append(_insert_point(state, path, fresh))
 
+    for key, value in values.items():
+        if key not in seen_values:
+            setters.append(_insert_point(state, tuple(key.split("/")), value))
     if source.mapped is not None:
         _copy_mapped(source, mapped_jobs)
     _read_and_verify(source, requests, checks)
@@ -186,11 +192,12 @@ def _plan_tensor(
         checks.append((chunk.file, chunk, buf))
 
 
-def _insert_point(state: dict[str, Any], path: tuple[str, ...], value: torch.Tensor) -> tuple[Any, Any, Any]:
+def _insert_point(state: dict[str, Any], path: tuple[str, ...], value: Any) -> tuple[Any, Any, Any]:
+    """Where a value missing from ``state`` goes, creating the dicts on its path."""
     node: Any = state
     for part in path[:-1]:
-        node = node.setdefault(part, {}) if isinstance(node, dict) else node[int(part)]
-    return node, path[-1], value
+        node = node.setdefault(decode_key(part), {}) if isinstance(node, dict) else node[int(part)]
+    return node, decode_key(path[-1]) if isinstance(node, dict) else int(path[-1]), value
 
 
 def _read_and_verify(

@@ -24,7 +24,7 @@ from stalwart.checkpoint.api import PartRecord
 from stalwart.checkpoint.storage_posix import PosixStorage
 from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
 
-__all__ = ["DEFAULT_SHM_ROOT", "MemoryTier", "job_dir", "remove_job"]
+__all__ = ["DEFAULT_SHM_ROOT", "MemoryTier", "job_dir", "pin", "remove_job", "unpin"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class MemoryTier:
         current = self._maps.get(slot)
         if current is not None and current.numel() == nbytes:
             return current
-        self._maps.pop(slot, None)
+        if current is not None:
+            unpin(self._maps.pop(slot))
         path = os.path.join(self.dir, self.shard(slot))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -109,14 +110,14 @@ class MemoryTier:
         self.storage.delete(self.marker(slot))
 
     def commit(self, slot: int, part: PartRecord) -> None:
-        self.storage.write_atomic(self.marker(slot), part.model_dump_json().encode())
+        self.storage.write_atomic(self.marker(slot), part.to_json())
 
     def latest(self) -> tuple[int, PartRecord] | None:
         """The committed slot with the highest step, with its part record."""
         best: tuple[int, PartRecord] | None = None
         for slot in range(self.slots):
             try:
-                part = PartRecord.model_validate_json(self.storage.read(self.marker(slot)))
+                part = PartRecord.from_json(self.storage.read(self.marker(slot)))
             except FileNotFoundError:
                 continue
             except ValueError:
@@ -127,5 +128,23 @@ class MemoryTier:
         return best
 
     def close(self) -> None:
+        for mapped in self._maps.values():
+            unpin(mapped)
         self._maps.clear()
         self.storage.close()
+
+
+def pin(buf: torch.Tensor) -> None:
+    """Page-lock a shared-memory mapping for fast device copies (CUDA only; once per mapping)."""
+    if not torch.cuda.is_available() or getattr(buf, "_stalwart_pinned", False):
+        return
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if int(err) == 0:
+        buf._stalwart_pinned = True  # type: ignore[attr-defined]
+
+
+def unpin(buf: torch.Tensor) -> None:
+    """Undo ``pin`` before a mapping is dropped."""
+    if getattr(buf, "_stalwart_pinned", False):
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        buf._stalwart_pinned = False  # type: ignore[attr-defined]

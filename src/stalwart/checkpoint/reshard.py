@@ -8,11 +8,11 @@ Replicated copies are written once: a DTensor piece is saved by the rank whose m
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from stalwart.checkpoint.api import ChunkEntry, TensorEntry
 from stalwart.errors import CheckpointError
@@ -38,10 +38,21 @@ class Read:
     whole: bool  # the chunk is exactly the target: read straight into it
 
 
+def _dtensor(value: torch.Tensor) -> Any:
+    """``value`` as a DTensor, or None. DTensor's module is slow to import: a state can only hold
+    DTensors once the script imported it, so it is looked up, never imported here."""
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None)
+    return value if cls is not None and isinstance(value, cls) else None
+
+
 def local_box(value: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], Box]:
     """The local tensor, the global shape and this rank's box of ``value``."""
-    if isinstance(value, DTensor):
-        if any(p.is_partial() for p in value.placements):
+    dt = _dtensor(value)
+    if dt is not None:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if any(p.is_partial() for p in dt.placements):
             raise CheckpointError(
                 "a DTensor with a Partial placement cannot be checkpointed; reduce it first"
             )
@@ -55,12 +66,13 @@ def local_box(value: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], Box]:
 
 def saves_piece(value: torch.Tensor, rank: int) -> bool:
     """Whether this rank writes its piece of ``value`` (replicated copies are written once)."""
-    if not isinstance(value, DTensor):
+    dt = _dtensor(value)
+    if dt is None:
         return rank == 0
-    coord = value.device_mesh.get_coordinate()
+    coord = dt.device_mesh.get_coordinate()
     if coord is None:
         return False
-    return all(c == 0 for c, p in zip(coord, value.placements, strict=True) if not p.is_shard())
+    return all(c == 0 for c, p in zip(coord, dt.placements, strict=True) if not p.is_shard())
 
 
 def plan_reads(entry: TensorEntry, box: Box) -> list[Read]:

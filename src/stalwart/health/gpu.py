@@ -18,11 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from stalwart.health.api import Action, Fault, FaultKind, MonitorContext
 from stalwart.health.base import MonitorBase
+from stalwart.health.gpu_metrics import GpuCollector
 from stalwart.health.xid import RECOVERY_ACTIONS, XID_RECOVERY_ACTION_CHANGED, xid_action
 
 __all__ = ["GpuConfig", "GpuMonitor", "Nvml"]
@@ -33,7 +31,13 @@ logger = logging.getLogger(__name__)
 EV_SBE, EV_DBE, EV_XID = 0x1, 0x2, 0x8
 EV_GPU_UNAVAILABLE, EV_RECOVERY_ACTION = 0x4000, 0x8000
 FI_RECOVERY_ACTION = 230
-ERR_NOT_SUPPORTED, ERR_TIMEOUT, ERR_GPU_IS_LOST, ERR_RESET_REQUIRED = 3, 10, 15, 16
+ERR_NOT_SUPPORTED, ERR_TIMEOUT, ERR_FUNCTION_NOT_FOUND, ERR_GPU_IS_LOST, ERR_RESET_REQUIRED = (
+    3,
+    10,
+    13,
+    15,
+    16,
+)
 MEM_CORRECTED, MEM_UNCORRECTED, VOLATILE_ECC = 0, 1, 0
 TEMPERATURE_GPU = 0
 THROTTLE_REASONS = {
@@ -135,7 +139,7 @@ class GpuMonitor(MonitorBase):
             self._init()
         if self.metrics is not None and id(self.metrics.registry) not in self._registries:
             self._registries.add(id(self.metrics.registry))
-            self.metrics.registry.register(_GpuCollector(self))
+            self.metrics.registry.register(GpuCollector(self))
         if self.disabled is None and self.config.threaded and self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="stalwart-nvml", daemon=True)
             self._thread.start()
@@ -318,7 +322,11 @@ class GpuMonitor(MonitorBase):
                     {"volatile_uncorrected": int(total), "before": before},
                     key=-5,
                 )
-        reasons = self._call(gpu, "clock_events", nv.nvmlDeviceGetCurrentClocksEventReasons, gpu.handle)
+        # nvidia-ml-py renamed "throttle reasons" to "clock event reasons"; accept either binding.
+        clock_events = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+            nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+        )
+        reasons = self._call(gpu, "clock_events", clock_events, gpu.handle) if clock_events else None
         if reasons is not None:
             for bit, reason in THROTTLE_REASONS.items():
                 n = gpu.throttle.get(reason, 0) + 1 if int(reasons) & bit else 0
@@ -374,7 +382,7 @@ class GpuMonitor(MonitorBase):
             if not _is_nvml_error(exc):
                 raise
             code = _code(exc)
-            if code == ERR_NOT_SUPPORTED:
+            if code in (ERR_NOT_SUPPORTED, ERR_FUNCTION_NOT_FOUND):  # this GPU or driver lacks it
                 gpu.unsupported.add(what)
             elif code in (ERR_GPU_IS_LOST, ERR_RESET_REQUIRED):
                 self._lost(gpu, what, exc)
@@ -423,69 +431,3 @@ class GpuMonitor(MonitorBase):
                 observed_at=now,
             )
         )
-
-
-class _GpuCollector(Collector):
-    """Exposes the monitor's last NVML readings (no NVML call at scrape time)."""
-
-    def __init__(self, monitor: GpuMonitor) -> None:
-        self.m = monitor
-
-    def collect(self) -> Any:
-        m = self.m
-        up = GaugeMetricFamily("stalwart_nvml_up", "1 if NVML works and GPU health is monitored.")
-        up.add_metric([], 0 if m.disabled else 1)
-        yield up
-        errs = CounterMetricFamily("stalwart_nvml_errors", "NVML call errors, by error.", labels=["error"])
-        for name, n in m._errors.items():
-            errs.add_metric([name], n)
-        yield errs
-        xid = CounterMetricFamily(
-            "stalwart_gpu_xid_errors", "Xid events, by GPU and Xid.", labels=["gpu", "xid"]
-        )
-        ecc = CounterMetricFamily(
-            "stalwart_gpu_ecc_errors", "Volatile ECC errors.", labels=["gpu", "error_type"]
-        )
-        remap = GaugeMetricFamily(
-            "stalwart_gpu_remapped_rows", "Remapped memory rows.", labels=["gpu", "cause"]
-        )
-        pending = GaugeMetricFamily(
-            "stalwart_gpu_row_remap_pending", "1 if a row remap awaits a GPU reset.", labels=["gpu"]
-        )
-        failure = GaugeMetricFamily(
-            "stalwart_gpu_row_remap_failure", "1 if row remapping failed.", labels=["gpu"]
-        )
-        rec = GaugeMetricFamily(
-            "stalwart_gpu_recovery_action", "NVML recovery action (0: none).", labels=["gpu"]
-        )
-        thr = GaugeMetricFamily(
-            "stalwart_gpu_clock_event_active",
-            "1 while a throttle reason is active.",
-            labels=["gpu", "reason"],
-        )
-        temp = GaugeMetricFamily("stalwart_gpu_temperature_celsius", "GPU temperature.", labels=["gpu"])
-        power = GaugeMetricFamily("stalwart_gpu_power_watts", "GPU power draw.", labels=["gpu"])
-        healthy = GaugeMetricFamily(
-            "stalwart_gpu_healthy", "0 after a fault that needs a restart or a new node.", labels=["gpu"]
-        )
-        for g in m._gpus:
-            i = str(g.index)
-            healthy.add_metric([i], 1 if g.healthy else 0)
-            for x, n in g.xids.items():
-                xid.add_metric([i, str(x)], n)
-            for t, n in g.ecc.items():
-                ecc.add_metric([i, t], n)
-            if g.remap is not None:
-                remap.add_metric([i, "correctable"], g.remap[0])
-                remap.add_metric([i, "uncorrectable"], g.remap[1])
-                pending.add_metric([i], 1 if g.remap[2] else 0)
-                failure.add_metric([i], 1 if g.remap[3] else 0)
-            if g.recovery is not None:
-                rec.add_metric([i], g.recovery)
-            for reason, n in g.throttle.items():
-                thr.add_metric([i, reason], 1 if n else 0)
-            if g.temperature is not None:
-                temp.add_metric([i], g.temperature)
-            if g.power_w is not None:
-                power.add_metric([i], g.power_w)
-        yield from (xid, ecc, remap, pending, failure, rec, thr, temp, power, healthy)

@@ -10,10 +10,11 @@ for ``max(factor x median interval, 1.5 x longest recent interval, floor)``. Def
 - ``floor`` 1 s: the target is a verdict within three step times plus one second; below a
   second a pause (GC, a slow batch) cannot be told from a hang. Known long phases are announced
   with ``busy()`` and interpreter shutdown with an exit notice (below), so they never count.
-- ``startup_timeout`` 600 s until ``min_intervals`` intervals are learned in this generation: the
-  first steps include imports, compilation and checkpoint loading. The first ``warmup`` (2)
-  intervals of a generation are not learned at all, so that a slow first step does not inflate
-  the longest-interval term for the rest of the window.
+- ``startup_timeout`` 600 s until a rank has sent ``warmup`` + 1 reports in this generation and
+  ``min_intervals`` intervals are learned: the first steps include imports, compilation and
+  checkpoint loading. Those first ``warmup`` (2) intervals of each generation are not learned,
+  so that a slow first step does not inflate the longest-interval term; learned intervals carry
+  over to the next generation, so a restarted job is watched closely from its fourth step.
 - A hang declared again at the same step after a restart multiplies that rank's timeout by
   ``repeat_backoff`` (4): a step that is deterministically slow must not cause a restart loop.
 
@@ -107,7 +108,10 @@ class HangMonitor(MonitorBase):
         self._repeats: dict[int, tuple[int, int]] = {}
 
     def _on_start(self, ctx: MonitorContext) -> None:
-        self._ranks = {}
+        # Learned intervals carry over to the next generation (a restarted job steps at the same
+        # pace); progress and notices do not.
+        for r in self._ranks.values():
+            r.last_step, r.last_time, r.reports, r.busy_until, r.exiting = -1, 0.0, 0, 0.0, False
         self._phase = _Phase.WATCHING
         self._started = ctx.clock()
         self._last_line = self._started
@@ -160,7 +164,7 @@ class HangMonitor(MonitorBase):
     def timeout_for(self, r: _Rank) -> float:
         """The current hang timeout of rank ``r`` in seconds."""
         c = self.config
-        if r.reports == 0 or len(r.intervals) < c.min_intervals:
+        if r.reports <= c.warmup or len(r.intervals) < c.min_intervals:
             timeout = c.startup_timeout
         else:
             timeout = max(c.factor * statistics.median(r.intervals), 1.5 * max(r.intervals), c.floor)
@@ -235,7 +239,7 @@ class HangMonitor(MonitorBase):
 
     def _silent(self, now: float) -> dict[str, Any] | None:
         silence = self.config.log_silence
-        if silence <= 0 or self._ranks:
+        if silence <= 0 or any(r.reports for r in self._ranks.values()):
             return None  # reports drive detection once any rank sends them
         quiet = now - max(self._last_line, self._started)
         if quiet < silence:
