@@ -82,6 +82,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.results: dict[str, dict[str, Any]] = {}
+        self.pending: list[tuple[dict[str, str | None], Callable[[], dict[str, float]], int]] = []
+        self.cleanups: list[Callable[[], Any]] = []
 
     def run(self, name: str, fn: Callable[[], float], *, ceiling: str | None, bytes_: int) -> None:
         self.run_many({name: ceiling}, lambda: {name: fn()}, bytes_=bytes_)
@@ -89,26 +91,46 @@ class Bench:
     def run_many(
         self, cases: dict[str, str | None], fn: Callable[[], dict[str, float]], *, bytes_: int
     ) -> None:
-        """Run ``fn`` once to warm up, then ``reps`` times; it returns seconds for each case name."""
-        fn()
-        samples: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(self.args.reps):
-            for name, seconds in fn().items():
-                samples[name].append(seconds)
-        for name, ceiling in cases.items():
-            median = statistics.median(samples[name])
-            result: dict[str, Any] = {
-                "median_s": median,
-                "samples_s": samples[name],
-                "gb_per_s": bytes_ / median / 1e9,
-                "ceiling": ceiling,
-            }
+        """Register ``fn``, which returns seconds for each case name; ``execute`` runs it."""
+        self.pending.append((cases, fn, bytes_))
+
+    def execute(self) -> None:
+        """One warm-up round, then ``reps`` rounds of every registered case in turn.
+
+        Interleaving exposes ceilings and cases alike to whatever else the machine is doing.
+        """
+        samples: dict[str, list[float]] = {}
+        for round_ in range(self.args.reps + 1):
+            for _cases, fn, _ in self.pending:
+                for name, seconds in fn().items():
+                    if round_ > 0:
+                        samples.setdefault(name, []).append(seconds)
+            print(f"round {round_} of {self.args.reps} done", flush=True)
+        for cases, _, bytes_ in self.pending:
+            for name, ceiling in cases.items():
+                median = statistics.median(samples[name])
+                self.results[name] = {
+                    "median_s": median,
+                    "samples_s": samples[name],
+                    "gb_per_s": bytes_ / median / 1e9,
+                    "ceiling": ceiling,
+                }
+        fresh = [name for cases, _, _ in self.pending for name in cases]
+        for name in fresh:
+            result = self.results[name]
+            ceiling = result["ceiling"]
             frac = ""
             if ceiling and ceiling in self.results:
-                result["fraction_of_ceiling"] = self.results[ceiling]["median_s"] / median
+                result["fraction_of_ceiling"] = self.results[ceiling]["median_s"] / result["median_s"]
                 frac = f"  {result['fraction_of_ceiling']:.2f} of {ceiling}"
-            self.results[name] = result
-            print(f"{name:42s} {median * 1e3:9.1f} ms  {bytes_ / median / 1e9:6.2f} GB/s{frac}", flush=True)
+            print(
+                f"{name:42s} {result['median_s'] * 1e3:9.1f} ms  {result['gb_per_s']:6.2f} GB/s{frac}",
+                flush=True,
+            )
+        self.pending.clear()
+        for cleanup in reversed(self.cleanups):
+            cleanup()
+        self.cleanups.clear()
 
 
 def local_cases(bench: Bench, workdir: Path) -> None:
@@ -163,7 +185,6 @@ def local_cases(bench: Bench, workdir: Path) -> None:
     bench.run(f"raw read {cold_label}, 2 streams (ceiling)", raw_read, ceiling=None, bytes_=size)
     read_ceiling = f"raw read {cold_label}, 2 streams (ceiling)"
     write_ceiling = "raw write + fsync, 2 streams (ceiling)"
-    shutil.rmtree(raw)
 
     # torch.save / torch.load
     tfile = workdir / "torch.pt"
@@ -184,11 +205,11 @@ def local_cases(bench: Bench, workdir: Path) -> None:
         return timed(lambda: torch.load(tfile, weights_only=True))
 
     bench.run(f"torch.load {cold_label}", torch_load, ceiling=read_ceiling, bytes_=size)
-    tfile.unlink()
 
     dcp_cases(bench, workdir, state, dst, size, write_ceiling, read_ceiling, cold_label)
     our_cases(bench, workdir, state, dst, size, write_ceiling, read_ceiling, cold_label)
     interference_cases(bench, workdir, state)
+    bench.execute()
 
 
 def dcp_cases(
@@ -202,7 +223,8 @@ def dcp_cases(
     def save() -> float:
         shutil.rmtree(path, ignore_errors=True)
         writer = FileSystemWriter(str(path), thread_count=2, sync_files=True)
-        return timed(lambda: dcp.save(state, storage_writer=writer, no_dist=True))
+        with contextlib.redirect_stderr(io.StringIO()):  # DCP warns about running without a process group
+            return timed(lambda: dcp.save(state, storage_writer=writer, no_dist=True))
 
     with contextlib.redirect_stderr(io.StringIO()):  # DCP warns about running without a process group
         bench.run("DCP save (thread_count=2, fsync)", save, ceiling=write_c, bytes_=size)
@@ -211,7 +233,8 @@ def dcp_cases(
             shutil.rmtree(path, ignore_errors=True)
             writer = FileSystemWriter(str(path), thread_count=2, sync_files=True)
             start = time.perf_counter()
-            future = dcp.async_save(state, storage_writer=writer, no_dist=True)
+            with contextlib.redirect_stderr(io.StringIO()):
+                future = dcp.async_save(state, storage_writer=writer, no_dist=True)
             blocking = time.perf_counter() - start
             future.result()
             return {
@@ -227,10 +250,10 @@ def dcp_cases(
 
         def load() -> float:
             drop_caches([path])
-            return timed(lambda: dcp.load(dst, storage_reader=FileSystemReader(str(path)), no_dist=True))
+            with contextlib.redirect_stderr(io.StringIO()):
+                return timed(lambda: dcp.load(dst, storage_reader=FileSystemReader(str(path)), no_dist=True))
 
         bench.run(f"DCP load {cold}", load, ceiling=read_c, bytes_=size)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def our_cases(
@@ -268,7 +291,6 @@ def our_cases(
         ceiling="memcpy (ceiling)",
         bytes_=size,
     )
-    ck.close(drop_memory=True)
     durable = Checkpointer(str(root), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
 
     def load_cold() -> float:
@@ -276,10 +298,15 @@ def our_cases(
         return timed(lambda: durable.load_latest(dst))
 
     bench.run(f"ours load {cold}", load_cold, ceiling=read_c, bytes_=size)
-    durable.close()
-    for k, v in state.items():
-        assert torch.equal(dst[k], v), f"{k} did not round-trip"
-    shutil.rmtree(root, ignore_errors=True)
+
+    def check() -> None:
+        durable.load_latest(dst)
+        for k, v in state.items():
+            assert torch.equal(dst[k], v), f"{k} did not round-trip"
+        durable.close()
+        ck.close(drop_memory=True)
+
+    bench.cleanups.append(check)
 
 
 _PERSIST_CHILD = """
@@ -336,20 +363,22 @@ def interference_cases(bench: Bench, workdir: Path, state: dict) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
 
-        def in_process() -> float:
-            finished = threading.Event()
-            threading.Thread(target=lambda: (child.stdout.readline(), finished.set()), daemon=True).start()  # type: ignore[union-attr]
-            child.stdin.write("go\n")  # type: ignore[union-attr]
-            child.stdin.flush()  # type: ignore[union-attr]
-            return during(finished.is_set)
+    def in_process() -> float:
+        finished = threading.Event()
+        threading.Thread(target=lambda: (child.stdout.readline(), finished.set()), daemon=True).start()  # type: ignore[union-attr]
+        child.stdin.write("go\n")  # type: ignore[union-attr]
+        child.stdin.flush()  # type: ignore[union-attr]
+        return during(finished.is_set)
 
-        bench.run("train step, persist in a process", in_process, ceiling="train step, idle", bytes_=size)
-    finally:
+    bench.run("train step, persist in a process", in_process, ceiling="train step, idle", bytes_=size)
+
+    def stop() -> None:
         child.kill()
         child.wait()
         ck.close(drop_memory=True)
+
+    bench.cleanups.append(stop)
 
 
 def s3_cases(bench: Bench, workdir: Path) -> None:
@@ -392,7 +421,8 @@ def s3_cases(bench: Bench, workdir: Path) -> None:
             ceiling="S3 boto3 download_fileobj (reference)",
             bytes_=size,
         )
-        ck.close()
+        bench.cleanups.append(ck.close)
+        bench.execute()
 
 
 def gpu_cases(bench: Bench) -> None:
@@ -445,8 +475,8 @@ def gpu_cases(bench: Bench) -> None:
         ceiling="cudaMemcpy H2D pinned (ceiling)",
         bytes_=size,
     )
-    ck.close(drop_memory=True)
-    shutil.rmtree(root, ignore_errors=True)
+    bench.cleanups.append(lambda: (ck.close(drop_memory=True), shutil.rmtree(root, ignore_errors=True)))
+    bench.execute()
 
 
 def write_results(bench: Bench, name: str) -> None:
@@ -507,6 +537,9 @@ def main() -> None:
         if not args.no_s3:
             s3_cases(bench, workdir)
     finally:
+        for cleanup in reversed(bench.cleanups):  # after a failure: stop children, close checkpointers
+            with contextlib.suppress(Exception):
+                cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
         remove_job(f"bench-{os.getpid()}", args.shm)
     write_results(bench, args.out or "checkpoint")

@@ -307,7 +307,7 @@ def _median(values: list[float | None]) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--step-time", type=float, default=0.25)
     ap.add_argument("--noise", type=float, default=0.0)
     ap.add_argument("--pg-timeout", type=float, default=30.0)

@@ -241,6 +241,11 @@ def summarize(runs: list[Run], launchers: list[str]) -> dict:
             "times_s": times,
             "extra_restarts": sum(1 for r in rs if r.generation_after is not None and r.generation_after > 1),
         }
+        first_try = [
+            r.recovery_s for r in rs if r.recovered and r.recovery_s is not None and r.generation_after == 1
+        ]
+        out[name]["first_try_runs"] = len(first_try)
+        out[name]["first_try_median_s"] = round(statistics.median(first_try), 3) if first_try else None
     if out.get("torchrun", {}).get("median_s") and out.get("stalwart", {}).get("median_s"):
         out["speedup"] = round(out["torchrun"]["median_s"] / out["stalwart"]["median_s"], 2)
     return out
@@ -274,6 +279,16 @@ def markdown(summary: dict, args: argparse.Namespace, meta: dict) -> str:
         )
     if "speedup" in summary:
         lines += ["", f"**stalwart recovers {summary['speedup']}x faster than torchrun (median).**"]
+    for name in args.launchers:
+        s = summary[name]
+        if s["first_try_runs"] and s["extra_restarts"]:
+            lines += [
+                "",
+                f"{name}'s restarts that worked at the first try ({s['first_try_runs']} of {s['runs']}) took "
+                f"{s['first_try_median_s']:.2f} s (median); {s['extra_restarts']} recovered only after more "
+                f"restarts and {s['runs'] - s['recovered']} not in time (the restarted workers' gloo "
+                "connect fails or hangs: stale rendezvous store keys, see the feasibility notes).",
+            ]
     lines += [
         "",
         f"Machine: {meta['cpus']} CPUs, {meta['platform']}, torch {meta['torch']}, python {meta['python']}; "
@@ -312,6 +327,8 @@ def render(out: Path) -> str:
     """Rewrite ``recovery.md`` from ``recovery.json`` (after editing the text, not the numbers)."""
     data = json.loads((out / "recovery.json").read_text())
     args = argparse.Namespace(**data["params"])
+    data["summary"] = summarize([Run(**r) for r in data["runs"]], args.launchers)
+    (out / "recovery.json").write_text(json.dumps(data, indent=2) + "\n")
     md = markdown(data["summary"], args, data["machine"])
     (out / "recovery.md").write_text(md)
     return md

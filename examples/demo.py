@@ -182,8 +182,10 @@ def run_demo() -> int:
 
 
 def main() -> int:
-    # SIGTERM as Ctrl-C: unwind through the finally below, which stops every process we started.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM unwind through the finally below, which stops every process we started.
+    # (SIGINT explicitly: a shell starts background jobs with SIGINT ignored.)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         return run_demo()
     except KeyboardInterrupt:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-from torch.distributed import PrefixStore, TCPStore
+from torch.distributed import HashStore, PrefixStore, TCPStore
 
 from stalwart.agent.jobstore import JobStore
 
@@ -79,3 +79,12 @@ def test_each_generation_gets_its_own_workers_store() -> None:
     assert js.worker_store_address(_round(server, 1), 1) == ("127.0.0.1", p1)
     w1 = TCPStore("127.0.0.1", p1, is_master=False, timeout=timedelta(seconds=5))
     assert not w1.check(["default_pg/0"])
+
+
+def test_a_store_without_a_job_wide_namespace_counts_on_this_agent() -> None:
+    js = JobStore("job")
+    round_store = HashStore()  # like the legacy etcd backend's per-round store
+    assert js.sync_generation(round_store, 0, 1, fresh_round=True) == 0
+    assert js.claim_restart(0) == (True, 1)
+    assert js.sync_generation(HashStore(), 0, 1, fresh_round=True) == 1  # a new round's fresh store
+    assert js.restarts_used() == 1

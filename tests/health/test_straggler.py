@@ -21,7 +21,7 @@ def _feed(
 
 def test_a_persistently_slow_rank_is_reported_once_with_scores() -> None:
     clock = Clock()
-    m = StragglerMonitor(StragglerConfig(threshold=1.3, window=10, action=Action.REPLACE_NODE))
+    m = StragglerMonitor(StragglerConfig(threshold=1.3, window=10, patience=0, action=Action.REPLACE_NODE))
     m.start(context(clock, nproc=4))
     _feed(m, {0: 0.1, 1: 0.1, 2: 0.21, 3: 0.1}, steps=12)
     [f] = m.poll(clock())
@@ -52,7 +52,7 @@ def test_noise_and_a_few_slow_steps_are_not_stragglers() -> None:
 def test_reported_step_time_metric_wins_over_intervals() -> None:
     # A synchronous job: every rank's interval is the same; only the compute time differs.
     clock = Clock()
-    m = StragglerMonitor(StragglerConfig(window=5))
+    m = StragglerMonitor(StragglerConfig(window=5, patience=0))
     m.start(context(clock, nproc=2))
     for step in range(1, 8):
         for lr, compute in ((0, 0.05), (1, 0.1)):
@@ -63,6 +63,31 @@ def test_reported_step_time_metric_wins_over_intervals() -> None:
             )
     [f] = m.poll(clock())
     assert f.rank == 1 and f.evidence["score"] > 1.3
+
+
+def test_a_rank_must_stay_slow_for_the_patience_before_the_verdict() -> None:
+    clock = Clock()
+    m = StragglerMonitor(StragglerConfig(window=5, patience=10))
+    m.start(context(clock, nproc=2))
+    t = {0: 0.0, 1: 0.0}
+    faults = []
+
+    def step(n: int, slow: float) -> None:  # one step of both ranks, then the agent polls
+        for lr, dt in ((0, 0.1), (1, slow)):
+            t[lr] += dt
+            m.on_report(Report(rank=10 + lr, local_rank=lr, step=n, time=t[lr], pid=1))
+        faults.extend(m.poll(clock()))
+
+    for n in range(1, 11):
+        step(n, 0.3)  # slow from the first full window (step 6) on: fewer steps than the patience
+    for n in range(11, 25):
+        step(n, 0.1)  # it recovers (the window's median follows 3 steps later)
+    assert faults == []
+    for n in range(25, 45):
+        step(n, 0.3)
+    [f] = faults
+    assert f.rank == 11 and f.evidence["slow_since_step"] >= 25
+    assert f.evidence["last_step"] - f.evidence["slow_since_step"] == 10
 
 
 def test_one_rank_alone_is_never_judged_and_settings_are_checked() -> None:
@@ -76,7 +101,7 @@ def test_one_rank_alone_is_never_judged_and_settings_are_checked() -> None:
 
 
 def test_a_real_slow_worker_is_found(node) -> None:
-    m = StragglerMonitor(StragglerConfig(window=8))
+    m = StragglerMonitor(StragglerConfig(window=8, patience=4))
     n = node([m], nproc=3, args=["--step-time", "0.03"], fault="slow:rank=2:step=3:factor=2.5")
     f = n.wait_fault(FaultKind.STRAGGLER, timeout=30)
     assert f is not None

@@ -159,7 +159,7 @@ def test_stalwart_run_as_pid1_forwards_sigterm_to_the_agent(spawn_run, tmp_path:
     assert [c.pid for c in agent] and all(c.pid != init.pid for c in agent)
     os.kill(init.pid, signal.SIGTERM)
     out, _ = p.communicate(timeout=90)
-    assert "received SIGTERM: stopping workers" in out, out[-3000:]
+    assert "SIGTERM" in out, out[-3000:]  # the agent says it was stopped by the forwarded signal
     assert p.returncode == 128 + signal.SIGTERM, out[-3000:]
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from torch.distributed import PrefixStore, Store, TCPStore
+from torch.distributed import HashStore, PrefixStore, Store, TCPStore
 
 __all__ = ["JobStore"]
 
@@ -38,6 +38,7 @@ class JobStore:
         self._timeout = timeout
         self._base: Store | None = None
         self._worker_store: TCPStore | None = None
+        self._local: Store | None = None
 
     def _key(self, name: str) -> str:
         return f"{self._prefix}/{name}"
@@ -57,7 +58,15 @@ class JobStore:
         in the round's own namespace. The static backend reuses one namespace and keeps the world
         size fixed, so there every agent counts joins instead: generation = joins // world size.
         """
-        self._base = _base_store(round_store)
+        base = _base_store(round_store)
+        if base is round_store:
+            # Not round-prefixed (the legacy etcd backend): no job-wide namespace to write to, so
+            # count on this agent only, as torchrun does.
+            if self._local is None:
+                logger.warning("this rendezvous backend has no job-wide store: counting restarts per agent")
+                self._local = HashStore()
+            base = self._local
+        self._base = base
         if not fresh_round:
             joins = self._base.add(self._key("joins"), 1)
             return (joins - 1) // group_world_size

@@ -237,14 +237,14 @@ class S3Storage:
 
 
 def _gather(views: Sequence[memoryview], start: int, end: int) -> bytes:
-    """The bytes [start, end) of the concatenation of ``views``."""
-    out = bytearray()
+    """The bytes [start, end) of the concatenation of ``views``, copied once."""
+    pieces = []
     pos = 0
     for view in views:
         lo, hi = max(start, pos), min(end, pos + len(view))
         if lo < hi:
-            out += view[lo - pos : hi - pos]
+            pieces.append(view[lo - pos : hi - pos])
         pos += len(view)
         if pos >= end:
             break
-    return bytes(out)
+    return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)

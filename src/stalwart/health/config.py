@@ -152,6 +152,13 @@ def add_health_arguments(parser: argparse.ArgumentParser) -> None:
         help="Steps in each rank's median (default %(default)s).",
     )
     g.add_argument(
+        "--straggler-patience",
+        type=int,
+        default=s.patience,
+        metavar="STEPS",
+        help="Steps a rank must stay above the threshold before it is reported (default %(default)s).",
+    )
+    g.add_argument(
         "--straggler-action",
         choices=["ignore", "warn", "restart", "replace_node"],
         default=s.action.value,
@@ -255,6 +262,7 @@ def build_monitors(args: argparse.Namespace) -> list[Monitor]:
             lambda: StragglerConfig(
                 threshold=_get(args, "straggler_threshold", st.threshold),
                 window=_get(args, "straggler_window", st.window),
+            patience=_get(args, "straggler_patience", st.patience),
                 action=Action(_get(args, "straggler_action", "warn")),
             ),
         )
