@@ -1,11 +1,15 @@
 """Shared test fixtures (generic; keep them small and documented).
 
-* ``free_port()``: a TCP port free on 127.0.0.1 right now.
+Fixtures:
+
+* ``free_port``: a function returning a TCP port free on 127.0.0.1 right now.
+* ``wait_for``: ``wait_for(predicate, timeout, what=...)`` polls with a deadline instead of sleeping.
 * ``procs``: starts commands in their own session and kills every process group at teardown, so
   no test leaves processes behind even when it fails half way.
-* ``wait_for(predicate, timeout)``: poll with a deadline instead of sleeping.
-* ``STALWART``: argv prefix that runs the ``stalwart`` CLI with this interpreter.
-* ``loopback_env()``: the environment for processes that must keep their traffic on 127.0.0.1.
+* ``stalwart``: a ``StalwartRunner`` for ``stalwart run`` jobs of ``tests/workers/ddp_tiny.py``.
+
+``STALWART`` is the argv prefix that runs the CLI with this interpreter; ``loopback_env()`` is the
+environment for processes that must keep their traffic on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ STALWART = [sys.executable, "-m", "stalwart.cli"]
 WORKERS_DIR = Path(__file__).parent / "workers"
 
 
-def free_port() -> int:
+def _free_port() -> int:
     """A TCP port that is free on 127.0.0.1 now (the usual small race applies)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
+def _wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -77,6 +81,18 @@ def _kill_tree(p: subprocess.Popen[str]) -> None:
         p.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A function returning a TCP port that is free on 127.0.0.1 now."""
+    return _free_port
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Any]:
+    """``wait_for(predicate, timeout, interval=0.05, what="")``: poll until truthy, else fail."""
+    return _wait_for
 
 
 class Procs:

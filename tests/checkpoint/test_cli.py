@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer
 from stalwart.cli import main
+
+from .servers import CREDENTIALS, S3Server
 
 
 @pytest.fixture
@@ -75,3 +78,22 @@ def test_gc_applies_retention_and_removes_crashed_attempts(
 def test_a_missing_step_is_a_clear_error(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = _run(["ckpt", "inspect", str(root), "--step", "7"], capsys)
     assert code == 2 and "step 7 has no committed checkpoint" in out
+
+
+def test_ls_and_verify_work_on_s3_through_an_endpoint_url(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bucket = moto.make_bucket(f"cli-{uuid.uuid4().hex[:8]}")
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv({"region_name": "AWS_DEFAULT_REGION"}.get(key, key.upper()), value)
+    ck = Checkpointer(
+        f"s3://{bucket}/run",
+        CheckpointConfig(memory_tier=False, flush_on_sigterm=False),
+        endpoint_url=moto.endpoint,
+    )
+    ck.save(5, {"w": torch.arange(6.0)}, blocking=True)
+    ck.close()
+    code, out = _run(["ckpt", "ls", f"s3://{bucket}/run", "--endpoint-url", moto.endpoint], capsys)
+    assert code == 0 and "│ committed" in out
+    code, out = _run(["ckpt", "verify", f"s3://{bucket}/run", "--endpoint-url", moto.endpoint], capsys)
+    assert code == 0 and "ok" in out

@@ -118,3 +118,9 @@ def test_a_sharding_that_leaves_gaps_is_refused_naming_the_tensor() -> None:
     assert len(plan_reads(entry, Box((0, 0), (2, 3)))) == 1  # the saved half is enough for this rank
     with pytest.raises(CheckpointError, match=r"model/rows: the saved pieces cover 3 of the 6 elements"):
         plan_reads(entry, Box((1, 0), (2, 3)))
+
+
+def test_a_rank_whose_save_fails_tells_rank_0_which_gives_the_commit_up_at_once(tmp_path: Path) -> None:
+    root = tmp_path / "ck"
+    _run_two_ranks("fail-rank1", root, tmp_path)  # commit_timeout_s is 600: waiting would time out
+    assert not (root / "step-000000003" / "manifest.json").exists()

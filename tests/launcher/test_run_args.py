@@ -32,6 +32,7 @@ def _config(tmp_path: Path, *argv: str):  # type: ignore[no-untyped-def]
         (["--max-restarts", "-1"], "--max-restarts -1"),
         (["--monitor-interval", "0"], "--monitor-interval 0"),
         (["--standby-preload", "numpy,not a module"], "'not a module' is not a module name"),
+        (["--node-name", "a/b"], "--node-name 'a/b'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 
 StalwartRunner = Any  # the ``stalwart`` fixture's type (tests/conftest.py)
 
 
-def _poll(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def _status_url(log_dir: Path, node: str) -> str:
+def _status_url(log_dir: Path, node: str, wait_for: Any) -> str:
     path = log_dir / f"status-{node}.url"
-    return str(_poll(lambda: path.exists() and path.read_text().strip(), 60, "the status endpoint"))
+    return str(wait_for(lambda: path.exists() and path.read_text().strip(), 60, what="the status endpoint"))
 
 
 def _get(url: str) -> str:
@@ -49,7 +37,9 @@ def _gone(pids: list[int]) -> bool:
     return True
 
 
-def test_status_and_metrics_answer_and_sigterm_stops_everything(stalwart: StalwartRunner) -> None:
+def test_status_and_metrics_answer_and_sigterm_stops_everything(
+    stalwart: StalwartRunner, wait_for: Any
+) -> None:
     p = stalwart.start(
         "--standalone",
         "--nproc-per-node",
@@ -60,7 +50,7 @@ def test_status_and_metrics_answer_and_sigterm_stops_everything(stalwart: Stalwa
         "10",
         *stalwart.tiny_args(10_000, "--step-time", "0.2"),
     )
-    url = _status_url(stalwart.log_dir, "s")
+    url = _status_url(stalwart.log_dir, "s", wait_for)
     assert url.startswith("http://127.0.0.1:")
 
     def running() -> dict[str, Any] | None:
@@ -68,7 +58,7 @@ def test_status_and_metrics_answer_and_sigterm_stops_everything(stalwart: Stalwa
         ok = st["state"] == "running" and all(w["last_step"] for w in st["workers"])
         return st if ok and len(st["workers"]) == 2 else None
 
-    st = _poll(running, 120, "both workers to report a step")
+    st = wait_for(running, 120, what="both workers to report a step")
     assert st["generation"] == 0 and st["restarts"] == 0 and st["budget"]["max_restarts"] == 0
     assert st["incidents"] == []
     metrics = _get(url + "/metrics")
@@ -83,11 +73,11 @@ def test_status_and_metrics_answer_and_sigterm_stops_everything(stalwart: Stalwa
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, out
     assert "received SIGTERM: stopping workers" in out
-    _poll(lambda: _gone(tree), 10, "every worker and standby to exit")
+    wait_for(lambda: _gone(tree), 10, what="every worker and standby to exit")
     assert json.loads((stalwart.log_dir / "events-s.jsonl").read_text().splitlines()[-1])["event"] == "exit"
 
 
-def test_workers_die_with_a_sigkilled_agent(stalwart: StalwartRunner) -> None:
+def test_workers_die_with_a_sigkilled_agent(stalwart: StalwartRunner, wait_for: Any) -> None:
     p = stalwart.start(
         "--standalone",
         "--nproc-per-node",
@@ -96,9 +86,9 @@ def test_workers_die_with_a_sigkilled_agent(stalwart: StalwartRunner) -> None:
         "k",
         *stalwart.tiny_args(10_000, "--step-time", "0.2"),
     )
-    _poll(lambda: stalwart.progress_of(0), 120, "the worker's first step")
+    wait_for(lambda: stalwart.progress_of(0), 120, what="the worker's first step")
     tree = _descendants(p.pid)
     assert tree
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=10)
-    _poll(lambda: _gone(tree), 20, "the orphaned workers to die (PDEATHSIG)")
+    wait_for(lambda: _gone(tree), 20, what="the orphaned workers to die (PDEATHSIG)")

@@ -37,7 +37,7 @@ from torch.distributed.elastic.rendezvous import (
 
 from stalwart.agent import policy
 from stalwart.agent.api import AgentConfig, ScriptFailed
-from stalwart.agent.failures import WorkerFailure, format_failure, root_cause
+from stalwart.agent.failures import WorkerFailure, exit_fault, format_failure
 from stalwart.agent.jobstore import JobStore
 from stalwart.agent.policy import AgentState, Budget, Decision, Verdict
 from stalwart.agent.procs import OutputPump, make_launcher, stop_processes
@@ -45,7 +45,7 @@ from stalwart.agent.status import AgentMetrics, StatusServer
 from stalwart.agent.timeline import Timeline, format_incidents, load_events, summarize
 from stalwart.agent.workerenv import error_file, launch_spec, run_script
 from stalwart.errors import ConfigError, SignalReceived
-from stalwart.health.api import Action, Fault, FaultKind, MonitorContext
+from stalwart.health.api import Fault, MonitorContext
 from stalwart.worker import api as wapi
 from stalwart.worker.channel import ReportReceiver
 
@@ -234,35 +234,15 @@ class StalwartAgent(SimpleElasticAgent):
             self.timeline.emit(
                 "fault", self._generation, fault=fault.to_json(), verdict=d.verdict.value, decision=d.reason
             )
-            self._say(f"{fault.kind.value}: {fault.message} -> {d.verdict.value} ({d.reason})")
+            if d.verdict is not Verdict.CONTINUE:  # advisory faults are logged by their monitor
+                self._say(f"{fault.kind.value}: {fault.message} -> {d.verdict.value} ({d.reason})")
             if best is None or rank[d.verdict] > rank[best[1].verdict]:
                 best = (fault, d)
         return best
 
     def _exit_fault(self) -> Fault:
-        failures = self._failures()
-        cause = root_cause(failures)
-        kind = FaultKind.WORKER_EXIT
-        if cause.startup and cause.exitcode > 0 and cause.signature == self._last_startup_sig:
-            kind = FaultKind.USER_ERROR
-        self._root_cause = cause
-        return Fault(
-            kind=kind,
-            action=Action.STOP if kind is FaultKind.USER_ERROR else Action.RESTART,
-            message=f"rank {cause.rank} {cause.how}" + (" at start-up" if cause.startup else ""),
-            evidence={
-                "exit_code": cause.exitcode,
-                "pid": cause.pid,
-                "startup": cause.startup,
-                "signature": cause.signature,
-                "failed_ranks": sorted(f.rank for f in failures),
-            },
-            rank=cause.rank,
-            local_rank=cause.local_rank,
-            node=self.cfg.node,
-            source="agent",
-            observed_at=cause.exited_at,
-        )
+        fault, self._root_cause = exit_fault(self._failures(), self._last_startup_sig, self.cfg.node)
+        return fault
 
     def _failures(self) -> list[WorkerFailure]:
         out = []
@@ -391,7 +371,8 @@ class StalwartAgent(SimpleElasticAgent):
             proc = self._launcher.launch(
                 launch_spec(self.cfg, worker_group, w.local_rank, gen, self._receiver.path)
             )
-            self._procs[w.local_rank] = proc
+            with self._lock:
+                self._procs[w.local_rank] = proc
             prefix = f"[{self.cfg.node}/{w.global_rank}]"
             log_path = os.path.join(
                 self.cfg.log_dir, self.cfg.node, f"gen-{gen}", f"rank-{w.global_rank}.log"

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-__all__ = ["WorkerFailure", "format_failure", "root_cause"]
+from stalwart.health.api import Action, Fault, FaultKind
+
+__all__ = ["WorkerFailure", "exit_fault", "format_failure", "root_cause"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +42,16 @@ class WorkerFailure:
         stderr_tail: Sequence[str],
         error_file: str,
     ) -> WorkerFailure:
-        pf = ProcessFailure(local_rank=local_rank, pid=pid, exitcode=exitcode, error_file=error_file)
-        data = pf.error_file_data.get("message") if isinstance(pf.error_file_data, dict) else None
-        tb = ""
-        if isinstance(data, dict):
-            tb = str(data.get("extraInfo", {}).get("py_callstack", ""))
+        tb, message = "", f"exit code {exitcode}"
+        try:
+            pf = ProcessFailure(local_rank=local_rank, pid=pid, exitcode=exitcode, error_file=error_file)
+        except Exception:  # a truncated or foreign error file must not take the agent down
+            pf = None
+        if pf is not None:
+            message = pf.message
+            data = pf.error_file_data.get("message") if isinstance(pf.error_file_data, dict) else None
+            if isinstance(data, dict):
+                tb = str(data.get("extraInfo", {}).get("py_callstack", ""))
         if not tb:
             tb = "\n".join(_last_traceback(stderr_tail))
         return cls(
@@ -56,7 +63,7 @@ class WorkerFailure:
             startup=startup,
             stderr_tail=tuple(stderr_tail),
             error_file=error_file,
-            message=pf.message,
+            message=message,
             traceback=tb,
         )
 
@@ -100,3 +107,34 @@ def format_failure(f: WorkerFailure, node: str) -> str:
     else:
         lines.append("  (the worker printed no traceback)")
     return "\n".join(lines)
+
+
+def exit_fault(
+    failures: Sequence[WorkerFailure], last_startup_signature: str | None, node: str
+) -> tuple[Fault, WorkerFailure]:
+    """The agent's Fault for workers that exited non-zero, and its root cause.
+
+    A start-up failure with the same signature as the previous generation's start-up failure
+    is a USER_ERROR (stop); anything else is a WORKER_EXIT (restart).
+    """
+    cause = root_cause(failures)
+    user_error = cause.startup and cause.exitcode > 0 and cause.signature == last_startup_signature
+    kind = FaultKind.USER_ERROR if user_error else FaultKind.WORKER_EXIT
+    fault = Fault(
+        kind=kind,
+        action=Action.STOP if user_error else Action.RESTART,
+        message=f"rank {cause.rank} {cause.how}" + (" at start-up" if cause.startup else ""),
+        evidence={
+            "exit_code": cause.exitcode,
+            "pid": cause.pid,
+            "startup": cause.startup,
+            "signature": cause.signature,
+            "failed_ranks": sorted(f.rank for f in failures),
+        },
+        rank=cause.rank,
+        local_rank=cause.local_rank,
+        node=node,
+        source="agent",
+        observed_at=cause.exited_at,
+    )
+    return fault, cause

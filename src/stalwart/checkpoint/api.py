@@ -195,6 +195,8 @@ class PartRecord(_Record):
     values: dict[str, Any] = field(default_factory=dict)
     """Non-tensor leaves, keyed by their path joined with ``/``."""
     version: int = FORMAT_VERSION
+    error: str | None = None
+    """Set when this rank's save failed: rank 0 gives the commit up at once instead of waiting."""
 
     @classmethod
     def from_dict(cls, d: Any) -> PartRecord:
@@ -213,6 +215,7 @@ class PartRecord(_Record):
             [TensorEntry.from_dict(t) for t in _get(d, "tensors", list, w)],
             _values(d, "values", w),
             _get(d, "version", int, w),
+            str(d["error"]) if d.get("error") is not None else None,
         )
 
 

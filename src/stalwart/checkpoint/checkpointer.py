@@ -269,7 +269,17 @@ class Checkpointer:
             )
             self._metrics.save_failures.inc()
             self.last_error = exc
+            if self.rank != 0:
+                self._report_failure(step, attempt, exc)
             return None
+
+    def _report_failure(self, step: int, attempt: str, exc: Exception) -> None:
+        """Tell rank 0 this part will not come, so it does not wait ``commit_timeout_s`` for it."""
+        record = PartRecord(step, self.rank, self.world_size, attempt, error=str(exc)[:500])
+        try:
+            self.storage.write_atomic(f"{step_dir(step)}/{part_name(self.rank)}", record.to_json())
+        except Exception as again:  # the storage itself is down: rank 0 fails on its own
+            logger.debug("could not record the failed save of step %d: %s", step, again)
 
     def _persist_or_raise(
         self, step: int, slot: int, layout: Layout, buf: torch.Tensor, values: dict[str, Any], attempt: str

@@ -45,6 +45,8 @@ def wait_for_parts(
             except (FileNotFoundError, ValueError):
                 continue  # not written yet, or a stale record of a crashed attempt being replaced
             if record.attempt == attempt:
+                if record.error is not None:
+                    raise CheckpointError(f"step {step}: rank {rank} could not save its part: {record.error}")
                 parts[rank] = record
         if len(parts) == world_size:
             return [parts[r] for r in range(world_size)]

@@ -30,6 +30,7 @@ from stalwart.checkpoint.api import (
 )
 from stalwart.checkpoint.format import (
     as_bytes,
+    copy_verified,
     crc_slices,
     decode_key,
     dtype_from_code,
@@ -231,6 +232,12 @@ def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box
         for read in plan_reads(entry, box):
             chunk = read.chunk
             raw = source.mapped[chunk.file][chunk.start : chunk.start + chunk.nbytes]  # type: ignore[index]
+            if read.whole and local.device.type == "cpu" and local.is_contiguous():
+                if not copy_verified(as_bytes(raw), as_bytes(local), chunk.crcs):
+                    raise CheckpointCorrupt(
+                        f"{source.where(chunk.file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
+                    )
+                continue
             if chunk.nbytes and crc_slices(as_bytes(raw)) != chunk.crcs:
                 raise CheckpointCorrupt(
                     f"{source.where(chunk.file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"

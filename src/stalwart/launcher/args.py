@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import socket
@@ -131,6 +132,10 @@ def _validate(args: argparse.Namespace) -> None:
     if args.restart_grace < 0:
         raise ConfigError("--restart-grace must be >= 0 seconds")
     _signals(args.signals_to_handle)
+    if args.node_name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.node_name):
+        raise ConfigError(
+            f"--node-name {args.node_name!r}: use letters, digits, '.', '_' and '-' (it names log files)"
+        )
     for mod in filter(None, args.standby_preload.split(",")):
         if not all(part.isidentifier() for part in mod.split(".")):
             raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer
+from stalwart.checkpoint.storage_posix import PosixStorage
+from stalwart.errors import CheckpointError
 
 
 def full_state() -> dict:
@@ -22,9 +25,31 @@ def full_state() -> dict:
     }
 
 
+class FullDisk(PosixStorage):
+    """Rank 1's view of a disk that is full: its shard cannot be written."""
+
+    def write(self, path: str, buffers: Sequence[memoryview]) -> None:
+        raise CheckpointError(f"disk full while writing {path}: free space there or keep fewer checkpoints")
+
+
+def fail_rank1(root: str, rank: int) -> None:
+    """Rank 1's save fails; rank 0 must give the commit up at once (not after commit_timeout_s)."""
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False, commit_timeout_s=600)
+    storage = FullDisk(root) if rank == 1 else PosixStorage(root)
+    ck = Checkpointer(root, config, storage=storage)
+    result = ck.save(3, {"w": torch.ones(8), "rank_state": {"r": torch.tensor([rank])}}).result()
+    assert result is None, result
+    if rank == 0:
+        assert "rank 1 could not save its part: disk full" in str(ck.last_error), ck.last_error
+    dist.barrier()  # training goes on: the next collective is reached by both ranks
+    ck.close()
+    dist.destroy_process_group()
+    sys.exit(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["save", "load", "load-same"], required=True)
+    parser.add_argument("--mode", choices=["save", "load", "load-same", "fail-rank1"], required=True)
     parser.add_argument("--shm", default=None, help="enable the memory tier under this root")
     parser.add_argument("--root", required=True)
     parser.add_argument("--store", required=True)
@@ -48,6 +73,9 @@ def main() -> None:
     config = CheckpointConfig(
         memory_tier=args.shm is not None, shm_root=args.shm or "/dev/shm", job="reshard"
     )
+    if args.mode == "fail-rank1":
+        fail_rank1(args.root, args.rank)
+        return
     ck = Checkpointer(args.root, config)
     if args.mode == "save":
         state = sharded(full["rows"], full["cols"], full["repl"])
