@@ -139,6 +139,7 @@ def test_retention_removes_incomplete_attempts_older_than_the_newest_commit(
     (crashed / "rank-00000.safetensors").write_bytes(b"torn")
     ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
     ck.save(3, _state(3), blocking=True)
+    ck.wait()  # retention runs after the commit, on its own thread
     assert not crashed.exists()
     ck.close()
 

@@ -80,7 +80,8 @@ def test_killed_in_the_middle_of_a_save_the_previous_checkpoint_stays_latest(
     target = {"model": {"w": torch.zeros(256, 256)}, "step": 0}
     assert ck.load_latest(target) == 1
     assert torch.equal(target["model"]["w"], state(1)["model"]["w"]) and target["step"] == 1
-    ck.save(3, state(3), blocking=True)  # the next commit clears the torn attempt
+    ck.save(3, state(3), blocking=True)
+    ck.wait()  # the next commit's retention clears the torn attempt
     assert committed_steps(storage) == ([1, 3], [])
     ck.close()
 

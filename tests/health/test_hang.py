@@ -72,6 +72,20 @@ def test_floor_and_longest_recent_interval_widen_the_timeout() -> None:
     assert m.timeout_for(m._ranks[10]) == pytest.approx(1.5 * 5.1)
 
 
+def test_the_timeout_follows_a_slowdown_within_a_few_steps() -> None:
+    clock = Clock()
+    m = HangMonitor(HangConfig(factor=3, floor=1))
+    m.start(context(clock))
+    _learn(clock, m, interval=0.25, steps=40, ranks=1)
+    assert m.timeout_for(m._ranks[10]) == pytest.approx(1.0)
+    for step in range(41, 45):  # the job now steps at 0.5 s (a straggler elsewhere)
+        _report(clock, m, step)
+        clock.advance(0.5)
+    assert m.timeout_for(m._ranks[10]) == pytest.approx(1.5)
+    clock.advance(1.2 - 0.5)  # one 1.2 s step: slow, but not 3x the new pace
+    assert m.poll(clock()) == []
+
+
 def test_a_stalled_rank_is_caught_while_the_other_progresses() -> None:
     clock = Clock()
     m = HangMonitor(HangConfig(floor=1))

@@ -92,6 +92,9 @@ class CheckpointConfig:
     commit_timeout_s: float = 600.0
     """How long rank 0 waits for every rank's part before giving the save up."""
     flush_on_sigterm: bool = True
+    verify_memory: bool = True
+    """Checksum memory-tier snapshots on load. Costs about one pass over the state (crc32c runs
+    near memcpy speed); durable tiers are always verified."""
 
     def __post_init__(self) -> None:
         if self.keep_last < 2:
@@ -151,6 +154,9 @@ class Checkpointer:
         self._pending: deque[Future[CheckpointRef | None]] = deque()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt-io")
+        # retention runs after the commit, off the save's critical path (torchtitan's purge thread)
+        self._purge = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt-purge")
+        self._purges: deque[Future[None]] = deque()
         self._stop = threading.Event()
         self._seq = 0
         self._closed = False
@@ -195,6 +201,8 @@ class Checkpointer:
             raise ConfigError(f"checkpoint step {step} must be non-negative")
         while len(self._pending) >= self.config.max_in_flight:
             self._pending.popleft().result()
+        while self._purges and self._purges[0].done():
+            self._purges.popleft()
         started = time.perf_counter()
         pieces, values = self._collect(state)
         metadata = {"format": "stalwart", "step": str(step), "rank": str(self.rank)}
@@ -318,7 +326,7 @@ class Checkpointer:
         if self.rank == 0:
             self._commit(step, attempt)
             self._metrics.last_step.set(step)
-            self._retain()
+            self._purges.append(self._purge.submit(self._retain))
         self._metrics.saves.inc()
         return ref
 
@@ -375,7 +383,10 @@ class Checkpointer:
         commit_step(self.storage, merge_parts(step, attempt, parts))
 
     def _retain(self) -> None:
-        apply_retention(self.storage, self.config.keep_last, self.config.keep_every)
+        try:
+            apply_retention(self.storage, self.config.keep_last, self.config.keep_every)
+        except Exception as exc:  # a listing that fails must not fail the next wait()
+            logger.warning("checkpoint retention in %s failed: %s", self.storage.uri, exc)
 
     # -- load ---------------------------------------------------------------------------------
     def load_latest(self, state: dict[str, Any]) -> int | None:
@@ -416,16 +427,18 @@ class Checkpointer:
             )
         return None
 
-    @staticmethod
-    def _memory_source(memory: MemoryTier, slot: int, part: PartRecord) -> Source:
+    def _memory_source(self, memory: MemoryTier, slot: int, part: PartRecord) -> Source:
+        verify = self.config.verify_memory
         if part.file is None or part.file_name is None:
-            return Source.from_part("memory", memory.storage, part, mapped={})
+            return Source.from_part("memory", memory.storage, part, mapped={}, verify=verify)
         try:
             mapped = memory.map(slot, part.file.size)
         except FileNotFoundError:
             raise CheckpointCorrupt(f"{memory.dir}/{part.file_name} is missing") from None
         pin(mapped)
-        return Source.from_part("memory", memory.storage, part, mapped={part.file_name: mapped})
+        return Source.from_part(
+            "memory", memory.storage, part, mapped={part.file_name: mapped}, verify=verify
+        )
 
     def _durable_source(self, step: int) -> Source:
         try:
@@ -466,9 +479,11 @@ class Checkpointer:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until every save in flight has persisted (or failed)."""
+        """Block until every save in flight has persisted (or failed) and retention has run."""
         while self._pending:
             self._pending.popleft().result()
+        while self._purges:
+            self._purges.popleft().result()
 
     def close(self, *, drop_memory: bool = False) -> None:
         """Flush saves in flight and release threads; ``drop_memory`` frees the /dev/shm snapshot."""
@@ -479,6 +494,7 @@ class Checkpointer:
         self._stop.set()
         self._executor.shutdown(wait=True)
         self._io.shutdown(wait=True)
+        self._purge.shutdown(wait=True)
         if self.memory is not None:
             self.memory.close()
             if drop_memory:

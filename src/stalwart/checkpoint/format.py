@@ -230,28 +230,6 @@ def crc_slices(data: np.ndarray) -> list[int]:
     return [int(_crc.value(data[i : i + CHUNK_BYTES])) for i in range(0, data.size, CHUNK_BYTES)]
 
 
-_BLOCK = 1 << 20
-
-
-def copy_verified(src: np.ndarray, dst: np.ndarray, crcs: Sequence[int]) -> bool:
-    """Copy ``src`` into ``dst`` and check it against ``crcs`` (see ``crc_slices``) in one pass.
-
-    Each 1 MiB block is checksummed and then copied while it is still in the CPU cache, so the
-    source is read from memory once. Both steps release the GIL. False on a checksum mismatch.
-    """
-    if src.size == 0:
-        return list(crcs) == [0]
-    got: list[int] = []
-    for i in range(0, src.size, CHUNK_BYTES):
-        crc = 0
-        for j in range(i, min(i + CHUNK_BYTES, src.size), _BLOCK):
-            block = src[j : j + _BLOCK]
-            crc = _crc.extend(crc, block)
-            np.copyto(dst[j : j + _BLOCK], block)
-        got.append(int(crc))
-    return got == list(crcs)
-
-
 def file_digest(header: bytes, piece_crcs: Sequence[Sequence[int]]) -> int:
     """The per-file checksum: crc32c of the header, extended with every piece's slice crcs."""
     crc = int(_crc.value(bytes(header)))

@@ -262,7 +262,7 @@ def build_monitors(args: argparse.Namespace) -> list[Monitor]:
             lambda: StragglerConfig(
                 threshold=_get(args, "straggler_threshold", st.threshold),
                 window=_get(args, "straggler_window", st.window),
-            patience=_get(args, "straggler_patience", st.patience),
+                patience=_get(args, "straggler_patience", st.patience),
                 action=Action(_get(args, "straggler_action", "warn")),
             ),
         )

@@ -1,7 +1,10 @@
 """Hang detection: a rank that stops making progress for longer than its learned timeout.
 
 Each rank's step interval is learned from its reports; a rank is hung when it has not reported
-for ``max(factor x median interval, 1.5 x longest recent interval, floor)``. Defaults:
+for ``max(factor x typical interval, 1.5 x longest recent interval, floor)``, where the typical
+interval is the larger of the median over ``window`` (50) intervals and the median of the last
+``recent`` (5), so that a job that slows down (a straggler, a longer sequence length) is judged by
+its new pace within a few steps. Defaults:
 
 - ``factor`` 3: a synchronous job's step time varies by tens of percent (data loading, GC,
   logging); three medians leave room for that and still catch a hang within a few steps.
@@ -54,6 +57,7 @@ class HangConfig:
     window: int = 50
     min_intervals: int = 3
     warmup: int = 2
+    recent: int = 5
     startup_timeout: float = 600.0
     log_silence: float = 300.0
     stopped_grace: float = 1.0
@@ -67,8 +71,15 @@ class HangConfig:
                 raise ValueError(f"hang {name} must be > 0, got {getattr(self, name)}")
         if self.log_silence < 0:
             raise ValueError(f"hang log_silence must be >= 0 (0 disables), got {self.log_silence}")
-        if self.window < 2 or self.min_intervals < 1 or self.min_intervals > self.window or self.warmup < 0:
-            raise ValueError("hang window must be >= 2, 1 <= min_intervals <= window and warmup >= 0")
+        if (
+            self.window < 2
+            or not 1 <= self.min_intervals <= self.window
+            or self.warmup < 0
+            or self.recent < 1
+        ):
+            raise ValueError(
+                "hang window must be >= 2, 1 <= min_intervals <= window, warmup >= 0, recent >= 1"
+            )
 
 
 class _Phase(StrEnum):
@@ -167,7 +178,9 @@ class HangMonitor(MonitorBase):
         if r.reports <= c.warmup or len(r.intervals) < c.min_intervals:
             timeout = c.startup_timeout
         else:
-            timeout = max(c.factor * statistics.median(r.intervals), 1.5 * max(r.intervals), c.floor)
+            recent = list(r.intervals)[-c.recent :]
+            typical = max(statistics.median(r.intervals), statistics.median(recent))
+            timeout = max(c.factor * typical, 1.5 * max(r.intervals), c.floor)
         step, count = self._repeats.get(r.rank, (-2, 0))
         if step == r.last_step and count > 0:
             timeout *= c.repeat_backoff**count
