@@ -522,7 +522,9 @@ def write_results(bench: Bench, name: str) -> None:
     lines += [
         "",
         "Best = the fastest of the samples (closest to an uncontended machine); both fractions use the",
-        "same statistic for the case and its ceiling. Samples per case are in checkpoint.json.",
+        "same statistic for the case and its ceiling. Samples per case are in checkpoint.json. Cases run",
+        "interleaved (one of each per round) on a machine shared with other jobs: a fraction above 1 means",
+        "the ceiling row itself was slowed in this run, so compare such rows with DCP's directly.",
     ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / name}.json and .md")

@@ -401,6 +401,13 @@ def write(results: dict[str, Any]) -> None:
             alarms = sum(len(r.get("false_alarms", [])) for r in runs)
             target, ok = "0 false alarms", f"{alarms} false alarms"
         rows.append(f"| {name} | {detected}/{len(runs)} | {_fmt(lat)} | {_fmt(step)} | {target} | {ok} |")
+    rows += [
+        "",
+        "hang (torchrun): the same hang under plain `torchrun`, which acts only when the job's process-group "
+        "timeout fires (30 s here; torch's default is 30 min for gloo, 10 min for NCCL). slow: rank 1 twice "
+        "as slow; the verdict needs a 20-step median above 1.5x for 20 more steps. fault-free: "
+        "a noisy step time (+-30%) for the whole run, every monitor at its defaults.",
+    ]
     cost = results["report_cost"]
     rows += [
         "",

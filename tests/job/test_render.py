@@ -264,7 +264,10 @@ def test_stalwart_run_accepts_the_rendered_command_line(full_spec: dict[str, Any
 
     spec = _spec(full_spec, "jobset")
     args = _pod_templates(render(spec)[-1])[0]["spec"]["containers"][0]["args"]
-    ns = parse(args)
+    assert "$(STALWART_NODE)" in args
+    # The kubelet expands $(VAR) references from the container's env before the command runs.
+    ns = parse([a.replace("$(STALWART_NODE)", "train-worker-0-0-x7k2p") for a in args])
+    assert ns.node_name == "train-worker-0-0-x7k2p"
     assert (ns.nnodes, ns.nproc_per_node, ns.rdzv_endpoint) == ("2:4", "8", endpoint(spec))
     assert (ns.training_script, ns.training_script_args) == (spec.script, list(spec.args))
     assert ns.hang_floor == 300.0

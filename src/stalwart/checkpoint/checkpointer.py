@@ -37,27 +37,23 @@ from stalwart.checkpoint.api import (
     MANIFEST_NAME,
     RANK_STATE_KEY,
     CheckpointRef,
-    ChunkEntry,
     Manifest,
     PartRecord,
     Storage,
-    TensorEntry,
     part_name,
     shard_name,
     step_dir,
 )
-from stalwart.checkpoint.commit import commit_step, merge_parts, wait_for_parts
+from stalwart.checkpoint.commit import commit_step, merge_parts, part_record, wait_for_parts
 from stalwart.checkpoint.format import (
     Layout,
     Piece,
     as_bytes,
     crc_slices,
-    dtype_to_code,
-    file_entry,
     flatten,
     plan_layout,
 )
-from stalwart.checkpoint.loader import Source, load_into, values_json_check
+from stalwart.checkpoint.loader import Source, load_into, snapshot_values
 from stalwart.checkpoint.memory import DEFAULT_SHM_ROOT, MemoryTier, pin, remove_job
 from stalwart.checkpoint.metrics import CheckpointMetrics, checkpoint_metrics
 from stalwart.checkpoint.reshard import local_box, saves_piece
@@ -209,6 +205,22 @@ class Checkpointer:
         layout = plan_layout(pieces, metadata)
         slot = self._seq % self._slots
         self._seq += 1
+        attempt = f"{self._token}-{self._seq}"
+        try:
+            buf = self._snapshot(slot, layout)
+        except (RuntimeError, OSError, CheckpointError) as exc:  # out of memory, a full /dev/shm...
+            failed: Future[CheckpointRef | None] = Future()
+            failed.set_result(self._persist_failed(step, attempt, exc))
+            return failed
+        self._metrics.blocking_seconds.observe(time.perf_counter() - started)
+        future = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt)
+        self._pending.append(future)
+        if blocking:
+            future.result()
+        return future
+
+    def _snapshot(self, slot: int, layout: Layout) -> torch.Tensor:
+        """Copy every piece into the slot's staging buffer (the memory tier): the blocking part."""
         buf = self._buffer(slot, layout.file_bytes)
         buf[: len(layout.header)].copy_(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
         data = buf[len(layout.header) :]
@@ -220,13 +232,7 @@ class Checkpointer:
             dst.copy_(src, non_blocking=True)
         if on_gpu:
             torch.cuda.synchronize()
-        self._metrics.blocking_seconds.observe(time.perf_counter() - started)
-        attempt = f"{self._token}-{self._seq}"
-        future = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt)
-        self._pending.append(future)
-        if blocking:
-            future.result()
-        return future
+        return buf
 
     def _collect(self, state: dict[str, Any]) -> tuple[list[Piece], dict[str, Any]]:
         pieces: list[Piece] = []
@@ -246,8 +252,7 @@ class Checkpointer:
                 local, global_shape, box = local_box(value)
                 durable = saves_piece(value, self.rank)
                 pieces.append(Piece(leaf.path, local, global_shape, box.offsets, durable=durable))
-        values_json_check(values)
-        return pieces, values
+        return pieces, snapshot_values(values)
 
     def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
         if self.memory is not None:
@@ -269,17 +274,21 @@ class Checkpointer:
         try:
             return self._persist_or_raise(step, slot, layout, buf, values, attempt)
         except Exception as exc:
-            logger.warning(
-                "checkpoint save of step %d to %s failed; training continues from the previous checkpoint: %s",
-                step,
-                self.storage.uri,
-                exc,
-            )
-            self._metrics.save_failures.inc()
-            self.last_error = exc
-            if self.rank != 0:
-                self._report_failure(step, attempt, exc)
-            return None
+            return self._persist_failed(step, attempt, exc)
+
+    def _persist_failed(self, step: int, attempt: str, exc: Exception) -> None:
+        """Report a failed save as an event (warning + metric) and tell rank 0; never raise."""
+        logger.warning(
+            "checkpoint save of step %d to %s failed; training continues from the previous checkpoint: %s",
+            step,
+            self.storage.uri,
+            exc,
+        )
+        self._metrics.save_failures.inc()
+        self.last_error = exc
+        if self.rank != 0:
+            self._report_failure(step, attempt, exc)
+        return None
 
     def _report_failure(self, step: int, attempt: str, exc: Exception) -> None:
         """Tell rank 0 this part will not come, so it does not wait ``commit_timeout_s`` for it."""
@@ -340,37 +349,7 @@ class Checkpointer:
         crcs: dict[int, list[int]],
         values: dict[str, Any],
     ) -> PartRecord:
-        """The record of one file holding ``pieces`` after ``header`` (memory slot or durable shard)."""
-        tensors = [
-            TensorEntry(
-                path=list(p.path),
-                dtype=dtype_to_code(p.tensor.dtype),
-                global_shape=list(p.global_shape),
-                rank=p.rank,
-                chunks=[
-                    ChunkEntry(
-                        file=file_name,
-                        start=len(header) + p.start,
-                        nbytes=p.nbytes,
-                        offsets=list(p.offsets),
-                        shape=list(p.tensor.shape),
-                        crcs=crcs[id(p)],
-                    )
-                ],
-            )
-            for p in pieces
-        ]
-        entry = file_entry(header, pieces, [crcs[id(p)] for p in pieces]) if pieces else None
-        return PartRecord(
-            step=step,
-            rank=self.rank,
-            world_size=self.world_size,
-            attempt=attempt,
-            file=entry,
-            file_name=file_name if pieces else None,
-            tensors=tensors,
-            values=values,
-        )
+        return part_record(step, self.rank, self.world_size, attempt, file_name, header, pieces, crcs, values)
 
     def _write_shard(self, path: str, buffers: list[memoryview] | None) -> None:
         if buffers is not None:

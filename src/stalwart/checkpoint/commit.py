@@ -11,9 +11,11 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Any
 
 from stalwart.checkpoint.api import (
     MANIFEST_NAME,
+    ChunkEntry,
     Manifest,
     PartRecord,
     Storage,
@@ -21,11 +23,57 @@ from stalwart.checkpoint.api import (
     part_name,
     step_dir,
 )
+from stalwart.checkpoint.format import Piece, dtype_to_code, file_entry
 from stalwart.errors import CheckpointError
 
-__all__ = ["commit_step", "merge_parts", "wait_for_parts"]
+__all__ = ["commit_step", "merge_parts", "part_record", "wait_for_parts"]
 
 logger = logging.getLogger(__name__)
+
+
+def part_record(
+    step: int,
+    rank: int,
+    world_size: int,
+    attempt: str,
+    file_name: str,
+    header: bytes,
+    pieces: list[Piece],
+    crcs: dict[int, list[int]],
+    values: dict[str, Any],
+) -> PartRecord:
+    """The record of one file holding ``pieces`` after ``header`` (a memory slot or a durable shard);
+    ``crcs`` maps ``id(piece)`` to the piece's slice checksums."""
+    tensors = [
+        TensorEntry(
+            path=list(p.path),
+            dtype=dtype_to_code(p.tensor.dtype),
+            global_shape=list(p.global_shape),
+            rank=p.rank,
+            chunks=[
+                ChunkEntry(
+                    file=file_name,
+                    start=len(header) + p.start,
+                    nbytes=p.nbytes,
+                    offsets=list(p.offsets),
+                    shape=list(p.tensor.shape),
+                    crcs=crcs[id(p)],
+                )
+            ],
+        )
+        for p in pieces
+    ]
+    entry = file_entry(header, pieces, [crcs[id(p)] for p in pieces]) if pieces else None
+    return PartRecord(
+        step=step,
+        rank=rank,
+        world_size=world_size,
+        attempt=attempt,
+        file=entry,
+        file_name=file_name if pieces else None,
+        tensors=tensors,
+        values=values,
+    )
 
 
 def wait_for_parts(

@@ -324,13 +324,16 @@ def verify_source(source: Source) -> list[str]:
     return problems
 
 
-def values_json_check(values: dict[str, Any]) -> None:
-    """Raise a clear error for a non-tensor leaf that JSON cannot hold."""
+def snapshot_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A JSON copy of the non-tensor leaves, taken now (training may mutate them while a save
+    persists); raises a clear error for a value JSON cannot hold."""
+    copied: dict[str, Any] = {}
     for key, value in values.items():
         try:
-            json.dumps(value, allow_nan=True)
+            copied[key] = json.loads(json.dumps(value, allow_nan=True))
         except (TypeError, ValueError):
             raise CheckpointError(
                 f"state value {key!r} of type {type(value).__name__} is neither a tensor nor JSON-able; "
                 "store it as a tensor, a number, a string, or a list/dict of those"
             ) from None
+    return copied
