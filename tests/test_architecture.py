@@ -14,7 +14,13 @@ import pytest
 
 # package -> stalwart packages it must never import (directly or transitively)
 FORBIDDEN = {
-    "stalwart.worker": {"stalwart.agent", "stalwart.launcher", "stalwart.job", "stalwart.checkpoint", "stalwart.health"},
+    "stalwart.worker": {
+        "stalwart.agent",
+        "stalwart.launcher",
+        "stalwart.job",
+        "stalwart.checkpoint",
+        "stalwart.health",
+    },
     "stalwart.health": {"stalwart.agent", "stalwart.launcher", "stalwart.job", "stalwart.checkpoint"},
     "stalwart.checkpoint": {"stalwart.agent", "stalwart.launcher", "stalwart.job", "stalwart.health"},
     "stalwart.agent": {"stalwart.launcher", "stalwart.job"},
@@ -29,7 +35,9 @@ def _imported_after(module: str) -> set[str]:
         f"importlib.import_module({module!r})\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
+    )
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -49,7 +57,11 @@ def test_job_package_and_cli_import_without_torch() -> None:
 
 def test_stalwart_help_lists_every_command() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "stalwart.cli", "--help"], check=True, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "stalwart.cli", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     for name in ("run", "events", "doctor", "ckpt", "health", "job"):
         assert name in out.stdout

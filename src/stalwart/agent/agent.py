@@ -491,8 +491,16 @@ class StalwartAgent(SimpleElasticAgent):
             self.timeline.emit("first_step", report.generation, step=report.step, rank=report.rank)
             if incident_start is not None:
                 self.metrics.recovery.observe(max(0.0, report.time - incident_start))
+                self._observe_recovery_phases(report.generation)
         for monitor in self.cfg.monitors:
             monitor.on_report(report)
+
+    def _observe_recovery_phases(self, generation: int) -> None:
+        for incident in summarize(self.timeline.snapshot()):
+            if incident.generation == generation:
+                for phase, seconds in incident.phases(self.timeline.node).items():
+                    if seconds is not None:
+                        self.metrics.recovery_phase.labels(phase=phase).observe(seconds)
 
     def _on_line(self, local_rank: int, line: str) -> None:
         for monitor in self.cfg.monitors:

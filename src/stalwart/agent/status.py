@@ -38,6 +38,13 @@ class AgentMetrics:
             buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300),
             registry=registry,
         )
+        self.recovery_phase = Histogram(
+            "stalwart_recovery_phase_seconds",
+            "Seconds each recovery phase took on this node (detect, stop, rendezvous, spawn, first_step).",
+            ["phase"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=registry,
+        )
         self.generation = Gauge("stalwart_generation", "Job-wide restart generation.", registry=registry)
 
 

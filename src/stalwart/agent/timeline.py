@@ -45,6 +45,7 @@ class Timeline:
         self.path = os.path.join(log_dir, f"events-{node}.jsonl")
         self._clock = clock
         self._lock = threading.Lock()
+        self.records: list[dict[str, Any]] = []  # this node's events, for live phase metrics
         os.makedirs(log_dir, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
@@ -53,10 +54,16 @@ class Timeline:
         record.update(fields)
         line = json.dumps(record, default=str, separators=(",", ":"))
         with self._lock:
+            self.records.append(record)
             if not self._file.closed:
                 self._file.write(line + "\n")
                 self._file.flush()
         return record
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """A copy of the events this node emitted so far."""
+        with self._lock:
+            return list(self.records)
 
     def close(self) -> None:
         with self._lock:

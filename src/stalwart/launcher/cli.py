@@ -35,6 +35,7 @@ def main(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
     from stalwart.agent.agent import StalwartAgent
+    from stalwart.health.stacks import flight_recorder_env
     from stalwart.launcher.args import build_config, parse
     from stalwart.launcher.netenv import configure_network_env
     from stalwart.launcher.pid1 import run_as_init
@@ -47,6 +48,11 @@ def main(argv: Sequence[str]) -> int:
     worker_env = dict(os.environ)
     effective = configure_network_env(worker_env)
     config = build_config(args, os.environ, worker_env)
+    # NCCL flight-recorder dump files/pipe under the log dir, so the hang monitor can ask for a dump.
+    # The buffer size is netenv's (it knows the variable's name for this torch version).
+    for key, value in flight_recorder_env(config.log_dir).items():
+        if "BUFFER_SIZE" not in key:
+            worker_env.setdefault(key, value)
     if effective:
         shown = " ".join(f"{k}={v}" for k, v in sorted(effective.items()))
         print(f"[stalwart {config.node}] network env: {shown}", file=sys.stderr, flush=True)
