@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stalwart.agent.policy import (
-    EXIT_FAILED,
+    EXIT_BUDGET_SPENT,
     EXIT_REPLACE_NODE,
     EXIT_USER_ERROR,
     LADDER,
@@ -49,11 +49,11 @@ def test_restarts_with_the_last_unit_of_budget() -> None:
 
 
 def test_exits_failed_when_the_budget_is_spent() -> None:
-    _assert_decision(_fault(), Budget(3, 3), Verdict.EXIT, Rung.EXIT, EXIT_FAILED)
+    _assert_decision(_fault(), Budget(3, 3), Verdict.EXIT, Rung.EXIT, EXIT_BUDGET_SPENT)
 
 
 def test_exits_failed_at_once_with_a_zero_budget() -> None:
-    _assert_decision(_fault(), Budget(0, 0), Verdict.EXIT, Rung.EXIT, EXIT_FAILED)
+    _assert_decision(_fault(), Budget(0, 0), Verdict.EXIT, Rung.EXIT, EXIT_BUDGET_SPENT)
 
 
 def test_gives_a_startup_failure_one_free_retry_even_with_a_zero_budget() -> None:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stalwart.agent.policy import EXIT_BUDGET_SPENT
+
 STALWART = [sys.executable, "-m", "stalwart.cli"]
 StalwartRunner = Any  # the ``stalwart`` fixture's type (tests/conftest.py)
 
@@ -70,7 +72,7 @@ def test_a_crashed_worker_is_restarted_and_training_continues_from_the_checkpoin
     assert "generation 1" in ev.stdout and "rank 1" in ev.stdout and "first_step" in ev.stdout
 
 
-def test_spent_budget_exits_1_naming_the_rank_exit_code_and_traceback(stalwart: StalwartRunner) -> None:
+def test_spent_budget_exits_76_naming_the_rank_exit_code_and_traceback(stalwart: StalwartRunner) -> None:
     p = stalwart.start(
         "--standalone",
         "--nproc-per-node",
@@ -83,7 +85,7 @@ def test_spent_budget_exits_1_naming_the_rank_exit_code_and_traceback(stalwart: 
         *stalwart.tiny_args(8),
     )
     out = _finish(p)
-    assert p.returncode == 1, out
+    assert p.returncode == EXIT_BUDGET_SPENT, out
     summary = out[out.index("job failed") :]
     assert "restart budget spent (1 of 1 used)" in summary
     assert "root cause: rank 1" in summary and "exit code 1" in summary

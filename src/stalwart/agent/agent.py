@@ -228,7 +228,7 @@ class StalwartAgent(SimpleElasticAgent):
         )
         for fault in faults:
             d = policy.decide(self._state, fault, budget, now)
-            if d.exit_code == policy.EXIT_FAILED and self._jobstore.restart_claimed(self._generation):
+            if d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
                 # Another node already spent the budget on this very incident: follow its restart.
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: joining another node's restart")
             self.timeline.emit(

@@ -8,11 +8,12 @@ Exit codes of ``stalwart run`` (the orchestrator keys off these):
 
 ===== =====================================================================
 0     the workers succeeded
-1     the workers failed and the job-wide restart budget is spent
+1     the job failed (the rendezvous was closed by another node, or the agent itself failed)
 2     usage error (bad flags or config)
 3     user error: the workers fail at start-up the same way every time
 4     a pre- or post-train script failed
 75    replace this node (a monitor found the node unfit; EX_TEMPFAIL)
+76    the job-wide restart budget is spent: the orchestrator should replace the pod
 128+N the agent was stopped by signal N and the workers did not exit 0
 ===== =====================================================================
 """
@@ -25,6 +26,7 @@ from enum import StrEnum
 from stalwart.health.api import Action, Fault, FaultKind
 
 __all__ = [
+    "EXIT_BUDGET_SPENT",
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_REPLACE_NODE",
@@ -47,6 +49,8 @@ EXIT_USAGE = 2
 EXIT_USER_ERROR = 3
 EXIT_SCRIPT_FAILED = 4
 EXIT_REPLACE_NODE = 75
+EXIT_BUDGET_SPENT = 76
+"""The job-wide restart budget is spent: the ladder's last rung hands the pod to the orchestrator."""
 
 
 class AgentState(StrEnum):
@@ -190,5 +194,5 @@ def decide(state: AgentState, fault: Fault, budget: Budget, now: float) -> Decis
         Verdict.EXIT,
         f"{fault.kind.value}: restart budget spent ({budget.used} of {budget.max_restarts} used)",
         Rung.EXIT,
-        EXIT_FAILED,
+        EXIT_BUDGET_SPENT,
     )

@@ -252,8 +252,10 @@ def render_pytorchjob(spec: JobSpec) -> list[Manifest]:
     return [job]
 
 
-# ``stalwart run`` exit codes that no pod restart can fix: 1 the job's restart budget is spent,
-# 2 usage error, 3 user error (the script failed the same way twice at start-up).
+# ``stalwart run`` exit codes that no pod restart can fix: 1 the job failed (another node closed the
+# rendezvous), 2 usage error, 3 user error (the script failed the same way twice at start-up).
+# 75 (sick node) and 76 (the agents' restart budget is spent) are the ladder's last rung: the pod
+# is replaced, up to the job's backoff limit.
 _FATAL_EXIT_CODES = [1, 2, 3]
 
 

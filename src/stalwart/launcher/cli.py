@@ -1,7 +1,7 @@
 """``stalwart run``: parse torchrun's flags and ours, build the node's agent, run it.
 
 Exit codes are those of ``stalwart.agent.policy`` (0 ok, 1 failed, 2 usage, 3 user error,
-4 script failed, 75 replace node, 128+N signal).
+4 script failed, 75 replace node, 76 restart budget spent, 128+N signal).
 """
 
 from __future__ import annotations
