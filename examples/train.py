@@ -27,7 +27,6 @@ import argparse
 import datetime
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from stalwart.checkpoint import CheckpointConfig, Checkpointer
 from stalwart.worker import report
 
 IN_DIM, OUT_DIM, BATCH = 32, 8, 64
@@ -59,28 +59,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def save_checkpoint(ckpt_dir: str, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically: a temporary file, fsync, rename over the old one, fsync the dir."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    final = os.path.join(ckpt_dir, CKPT_NAME)
-    tmp = f"{final}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(ckpt_dir, os.O_RDONLY)
+    """Save ``state`` with ``stalwart.checkpoint`` (rank 0 alone: the DDP state is replicated).
+
+    ``step-<N>/`` gets a safetensors shard and a manifest committed last; the last 3 are kept.
+    The save is blocking so that a crash right after step N always resumes from N (the tests
+    compare resume steps exactly); a long-lived ``Checkpointer`` whose ``save`` is not blocking
+    persists in the background instead.
+    """
+    config = CheckpointConfig(keep_last=3, memory_tier=False, flush_on_sigterm=False)
+    saver = Checkpointer(ckpt_dir, config, distributed=False)
     try:
-        os.fsync(dir_fd)
+        saver.save(int(state["step"]), state, blocking=True)
     finally:
-        os.close(dir_fd)
+        saver.close()
 
 
 def load_checkpoint(ckpt_dir: str) -> dict[str, Any] | None:
-    """The last saved state, or None when there is none."""
-    path = Path(ckpt_dir, CKPT_NAME)
-    if not ckpt_dir or not path.exists():
+    """The newest complete, verified checkpoint (every rank agrees on it), or None when there is none."""
+    if not ckpt_dir:
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    loader = Checkpointer(ckpt_dir, CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
+    state: dict[str, Any] = {}
+    try:
+        step = loader.load_latest(state)
+    finally:
+        loader.close()
+    return state if step is not None else None
 
 
 def make_model(hidden: int, seed: int) -> nn.Module:
