@@ -6,9 +6,10 @@
 - deterministic for a given ``--seed``: the model is initialised from the seed and every batch
   comes from a generator keyed by (seed, step, rank), so a resumed run computes what an
   uninterrupted one would have;
-- resumable: rank 0 writes ``<ckpt-dir>/ckpt.pt`` atomically every ``--ckpt-every`` steps; on start
-  every rank loads it and continues after the saved step (``--ckpt-dir`` must be shared storage
-  when nodes are separate machines);
+- resumable: rank 0 saves a checkpoint with ``stalwart.checkpoint`` every ``--ckpt-every`` steps
+  (``<ckpt-dir>/step-N/``: safetensors and a checksummed manifest committed last; ``--ckpt-dir`` may
+  be a path or an ``s3://`` URI); on start every rank loads the newest verified one and continues
+  after its step (``--ckpt-dir`` must be shared storage when nodes are separate machines);
 - calls ``stalwart.worker.report(step, loss=...)`` every step (progress for the agent's monitors,
   and where ``STALWART_FAULT`` injects faults), and rank 0 prints ``step N loss X`` with the value
   ``report`` returns, the worker's wall clock and its restart generation.
@@ -38,7 +39,6 @@ from stalwart.checkpoint import CheckpointConfig, Checkpointer
 from stalwart.worker import report
 
 IN_DIM, OUT_DIM, BATCH = 32, 8, 64
-CKPT_NAME = "ckpt.pt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
