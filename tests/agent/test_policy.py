@@ -14,6 +14,7 @@ from stalwart.agent.policy import (
     Rung,
     Verdict,
     decide,
+    ladder_from_names,
 )
 from stalwart.health.api import Action, Fault, FaultKind
 
@@ -128,3 +129,48 @@ def test_ladder_has_the_in_process_rung_first_and_disabled() -> None:
 def test_budget_remaining_never_goes_negative() -> None:
     assert Budget(2, 5).remaining == 0
     assert Budget(2, 1).remaining == 1
+
+
+def test_ladder_from_names_enables_exactly_the_named_rungs_and_always_exit() -> None:
+    ladder = ladder_from_names(["restart_workers"])
+    assert {r.rung: r.enabled for r in ladder} == {
+        Rung.IN_PROCESS: False,
+        Rung.STARTUP_RETRY: False,
+        Rung.RESTART_WORKERS: True,
+        Rung.EXIT: True,
+    }
+    assert ladder_from_names(["startup_retry", "restart_workers", "exit"]) == LADDER
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["restart_workers", "startup_retry"], "ladder order"),
+        (["restart_workers", "restart_workers"], "listed twice"),
+        (["reboot"], "unknown rung 'reboot'"),
+        (["in_process", "exit"], "not available yet"),
+    ],
+)
+def test_ladder_from_names_rejects_bad_ladders_naming_the_problem(names: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ladder_from_names(names)
+
+
+def test_without_the_restart_rung_a_fault_exits_at_once_with_budget_left() -> None:
+    d = decide(
+        AgentState.RUNNING, _fault(), Budget(3, 0, startup_retries=0), NOW, ladder_from_names(["exit"])
+    )
+    assert (d.verdict, d.exit_code) == (Verdict.EXIT, EXIT_BUDGET_SPENT)
+    assert "restart_workers rung is off" in d.reason
+
+
+def test_without_the_startup_retry_rung_a_startup_death_spends_the_budget() -> None:
+    fault = Fault(
+        kind=FaultKind.WORKER_EXIT,
+        action=Action.RESTART,
+        message="rank 0 exited 1",
+        evidence={"exitcode": 1, "startup": True},
+        rank=0,
+    )
+    d = decide(AgentState.RUNNING, fault, Budget(3, 0), NOW, ladder_from_names(["restart_workers", "exit"]))
+    assert (d.verdict, d.rung, d.spends_budget) == (Verdict.RESTART, Rung.RESTART_WORKERS, True)

@@ -62,7 +62,12 @@ def test_init_writes_a_file_that_validates_and_documents_every_field(tmp_path: P
             "health.log_rules[0].log_pattern",
             "regular",
         ),
-        ({"restart": {"ladder": ["exit", "restart_workers"]}}, "restart.ladder", "last rung"),
+        ({"restart": {"ladder": ["exit", "restart_workers"]}}, "restart.ladder", "ladder order"),
+        (
+            {"restart": {"ladder": ["in_process", "restart_workers", "exit"]}},
+            "restart.ladder",
+            "not available",
+        ),
         ({"kubernetes": {"flavour": "slurm"}}, "kubernetes.flavour", "must be one of"),
         ({"resources": {"memory": "12 GB"}}, "resources.memory", "quantity"),
     ],

@@ -227,7 +227,7 @@ class StalwartAgent(SimpleElasticAgent):
             self.cfg.max_restarts, self._jobstore.restarts_used(), startup_retries=self._startup_retries
         )
         for fault in faults:
-            d = policy.decide(self._state, fault, budget, now)
+            d = policy.decide(self._state, fault, budget, now, self.cfg.ladder)
             if d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
                 # Another node already spent the budget on this very incident: follow its restart.
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: joining another node's restart")

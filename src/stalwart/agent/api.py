@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stalwart.agent.policy import LADDER, RungSpec
 from stalwart.errors import StalwartError
 from stalwart.health.api import Monitor
 
@@ -50,6 +51,8 @@ class AgentConfig:
     worker_host: str = "127.0.0.1"
     """Address at which group rank 0 serves the workers' store (reachable by every node)."""
     max_restarts: int = 0
+    ladder: tuple[RungSpec, ...] = LADDER
+    """The restart ladder's rungs (``policy.ladder_from_names``)."""
     monitor_interval: float = 0.1
     log_dir: str
     redirects: StdSpec = None

@@ -20,6 +20,7 @@ Exit codes of ``stalwart run`` (the orchestrator keys off these):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -41,6 +42,7 @@ __all__ = [
     "RungSpec",
     "Verdict",
     "decide",
+    "ladder_from_names",
 ]
 
 EXIT_OK = 0
@@ -144,8 +146,35 @@ class Decision:
     spends_budget: bool = False
 
 
-def _rung(rung: Rung) -> RungSpec | None:
-    for spec in LADDER:
+def ladder_from_names(names: Sequence[str]) -> tuple[RungSpec, ...]:
+    """The ladder with exactly the named rungs enabled (``exit`` is always the last rung).
+
+    Names must be rung values in ladder order (``startup_retry,restart_workers,exit``).
+    Raises ``ValueError`` naming the bad rung and the fix.
+    """
+    order = [spec.rung.value for spec in LADDER]
+    wanted = [n.strip() for n in names if n.strip()]
+    for name in wanted:
+        if name not in order:
+            raise ValueError(f"unknown rung {name!r}; use {', '.join(order[1:])} (in that order)")
+    if len(set(wanted)) != len(wanted):
+        raise ValueError("a rung is listed twice")
+    if wanted != sorted(wanted, key=order.index):
+        raise ValueError(f"rungs must be in ladder order: {', '.join(order)}")
+    if Rung.IN_PROCESS.value in wanted:
+        raise ValueError("the in_process rung is not available yet; leave it out")
+    return tuple(
+        RungSpec(
+            spec.rung,
+            enabled=spec.rung is Rung.EXIT or spec.rung.value in wanted,
+            spends_budget=spec.spends_budget,
+        )
+        for spec in LADDER
+    )
+
+
+def _rung(rung: Rung, ladder: Sequence[RungSpec]) -> RungSpec | None:
+    for spec in ladder:
         if spec.rung is rung and spec.enabled:
             return spec
     return None
@@ -155,7 +184,9 @@ def _is_startup_failure(fault: Fault) -> bool:
     return fault.kind is FaultKind.WORKER_EXIT and bool(fault.evidence.get("startup"))
 
 
-def decide(state: AgentState, fault: Fault, budget: Budget, now: float) -> Decision:
+def decide(
+    state: AgentState, fault: Fault, budget: Budget, now: float, ladder: Sequence[RungSpec] = LADDER
+) -> Decision:
     """Decide what to do about ``fault`` observed in ``state`` with ``budget`` left at ``now``.
 
     Pure: it reads nothing but its arguments. ``now`` is wall-clock seconds (kept for rungs with
@@ -174,7 +205,7 @@ def decide(state: AgentState, fault: Fault, budget: Budget, now: float) -> Decis
         return Decision(Verdict.EXIT, f"{fault.kind.value}: replace this node", Rung.EXIT, EXIT_REPLACE_NODE)
     # Action.RESTART: climb the ladder.
     if _is_startup_failure(fault) and budget.startup_retries > 0:
-        spec = _rung(Rung.STARTUP_RETRY)
+        spec = _rung(Rung.STARTUP_RETRY, ladder)
         if spec is not None:
             return Decision(
                 Verdict.RESTART,
@@ -182,7 +213,7 @@ def decide(state: AgentState, fault: Fault, budget: Budget, now: float) -> Decis
                 spec.rung,
                 spends_budget=spec.spends_budget,
             )
-    spec = _rung(Rung.RESTART_WORKERS)
+    spec = _rung(Rung.RESTART_WORKERS, ladder)
     if spec is not None and budget.remaining > 0:
         return Decision(
             Verdict.RESTART,
@@ -190,9 +221,9 @@ def decide(state: AgentState, fault: Fault, budget: Budget, now: float) -> Decis
             spec.rung,
             spends_budget=spec.spends_budget,
         )
-    return Decision(
-        Verdict.EXIT,
-        f"{fault.kind.value}: restart budget spent ({budget.used} of {budget.max_restarts} used)",
-        Rung.EXIT,
-        EXIT_BUDGET_SPENT,
+    why = (
+        "the restart_workers rung is off"
+        if spec is None
+        else f"restart budget spent ({budget.used} of {budget.max_restarts} used)"
     )
+    return Decision(Verdict.EXIT, f"{fault.kind.value}: {why}", Rung.EXIT, EXIT_BUDGET_SPENT)

@@ -60,8 +60,8 @@ def hyperpod_rule(rule: LogRule, integer_threshold: bool = False) -> dict[str, A
 
 
 def _stalwart_flags(spec: JobSpec, node_name: str | None) -> list[str]:
-    """Flags only ``stalwart run`` has (health rules, node name)."""
-    flags: list[str] = []
+    """Flags only ``stalwart run`` has (restart ladder, health rules, node name)."""
+    flags: list[str] = ["--restart-ladder", ",".join(spec.restart.ladder)]
     if node_name:
         flags += ["--node-name", node_name]
     hang = spec.health.hang_timeout_s
@@ -117,13 +117,12 @@ def run_args(
 def job_env(spec: JobSpec) -> dict[str, str]:
     """Environment for every node: the user's ``env`` plus what stalwart derives from the spec.
 
-    The checkpoint URI and the ladder travel as environment variables (the agent has no flags for
-    them yet); the user's own ``env`` wins on a clash.
+    The checkpoint URI travels as ``STALWART_CHECKPOINT_URI`` for the training script to read; the
+    user's own ``env`` wins on a clash.
     """
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1", "STALWART_JOB": spec.name}
     if spec.checkpoint.uri:
         env["STALWART_CHECKPOINT_URI"] = spec.checkpoint.uri
-    env["STALWART_RESTART_LADDER"] = ",".join(spec.restart.ladder)
     if spec.fault:
         env["STALWART_FAULT"] = spec.fault
     env.update(spec.env)

@@ -52,7 +52,7 @@ checkpoint:
 
 restart:
   max_restarts: 3              # the job-wide restart budget
-  ladder: [startup_retry, restart_workers, exit]   # rungs tried in order; also: in_process
+  ladder: [startup_retry, restart_workers, exit]   # rungs tried in order (in_process: reserved)
 
 health:
   hang_timeout_s: null         # seconds without progress from any rank before it counts as a hang

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stalwart.agent.policy import ladder_from_names
 from stalwart.errors import JobError
 
 __all__ = [
@@ -337,11 +338,10 @@ def check_combinations(spec: JobSpec) -> list[tuple[str, str]]:
             )
     if spec.backend == "kubernetes" and not spec.image:
         problems.append(("image", "required for the kubernetes backend; set image: REGISTRY/IMAGE:TAG"))
-    ladder = spec.restart.ladder
-    if "exit" in ladder and ladder[-1] != "exit":
-        problems.append(("restart.ladder", "'exit' must be the last rung"))
-    if len(set(ladder)) != len(ladder):
-        problems.append(("restart.ladder", "a rung is listed twice"))
+    try:
+        ladder_from_names(spec.restart.ladder)
+    except ValueError as exc:
+        problems.append(("restart.ladder", str(exc)))
     return problems
 
 

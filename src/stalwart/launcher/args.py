@@ -28,6 +28,7 @@ from torch.distributed.run import (
 )
 
 from stalwart.agent.api import AgentConfig
+from stalwart.agent.policy import ladder_from_names
 from stalwart.errors import ConfigError
 from stalwart.health.config import add_health_arguments, build_monitors
 from stalwart.worker.api import ENV_FAULT
@@ -95,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         "same error, is a user error: stop at once (default 60).",
     )
     g.add_argument(
+        "--restart-ladder",
+        default="startup_retry,restart_workers,exit",
+        metavar="RUNG[,RUNG]",
+        help="The restart ladder's rungs, in order: startup_retry (one free retry of a start-up "
+        "death, to tell a user error from a flake), restart_workers (restart every node's workers, "
+        "spending the job-wide budget), exit (always last: hand the pod to the orchestrator). "
+        "Default: all three.",
+    )
+    g.add_argument(
         "--restart-grace",
         type=float,
         default=5.0,
@@ -127,6 +137,10 @@ def _validate(args: argparse.Namespace) -> None:
         parse_faults(args.fault)
     if args.status_port is not None and not 0 <= args.status_port < 65536:
         raise ConfigError(f"--status-port {args.status_port}: use 0 (off) or a port from 1 to 65535")
+    try:
+        ladder_from_names(args.restart_ladder.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--restart-ladder {args.restart_ladder!r}: {exc}") from exc
     if args.user_error_threshold <= 0:
         raise ConfigError("--user-error-threshold must be > 0 seconds")
     if args.restart_grace < 0:
@@ -254,6 +268,7 @@ def build_config(
         master_port=args.master_port,
         worker_host=_worker_host(args, endpoint),
         max_restarts=args.max_restarts,
+        ladder=ladder_from_names(args.restart_ladder.split(",")),
         monitor_interval=args.monitor_interval,
         log_dir=os.path.abspath(log_dir),
         redirects=Std.from_str(args.redirects),
