@@ -7,10 +7,12 @@ machine-readable output on stdout; errors always go to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -44,9 +46,24 @@ def _backend_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Only look at this Kubernetes object kind.",
         ),
     ]
+
+    @functools.wraps(fn)
+    def with_where(
+        *args: Any,
+        backend: str | None,
+        jobs_dir: str | None,
+        namespace: str | None,
+        kubeconfig: str | None,
+        context: str | None,
+        flavour: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        return fn(*args, where=_Where(backend, jobs_dir, namespace, kubeconfig, context, flavour), **kwargs)
+
+    wrapped: Callable[..., Any] = with_where
     for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+        wrapped = opt(wrapped)
+    return wrapped
 
 
 def _output_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,22 +96,26 @@ def _overrides(sets: Iterable[str], **fields: str | None) -> list[str]:
     return out + list(sets)
 
 
-def _backend(
-    backend: str | None,
-    jobs_dir: str | None,
-    namespace: str | None,
-    kubeconfig: str | None,
-    context: str | None,
-    flavour: str | None,
-) -> Backend:
-    return get_backend(
-        backend or "local",
-        jobs_dir=jobs_dir,
-        namespace=namespace,
-        kubeconfig=kubeconfig,
-        context=context,
-        flavour=flavour,
-    )
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where jobs live: the backend options every command shares."""
+
+    kind: str | None
+    jobs_dir: str | None
+    namespace: str | None
+    kubeconfig: str | None
+    context: str | None
+    flavour: str | None
+
+    def backend(self) -> Backend:
+        return get_backend(
+            self.kind or "local",
+            jobs_dir=self.jobs_dir,
+            namespace=self.namespace,
+            kubeconfig=self.kubeconfig,
+            context=self.context,
+            flavour=self.flavour,
+        )
 
 
 def _when(ts: float | None) -> str:
@@ -193,12 +214,7 @@ def create(
     nodes: str | None,
     nproc_per_node: str | None,
     fault: str | None,
-    backend: str | None,
-    jobs_dir: str | None,
-    namespace: str | None,
-    kubeconfig: str | None,
-    context: str | None,
-    flavour: str | None,
+    where: _Where,
     output: str,
     dry_run: bool,
     wait: bool,
@@ -207,19 +223,24 @@ def create(
     overrides = _overrides(
         sets, name=name, image=image, nodes=nodes, nproc_per_node=nproc_per_node, fault=fault
     )
-    if backend:
-        overrides.insert(0, f"backend={backend}")
-    if flavour:
-        overrides.insert(0, f"kubernetes.flavour={flavour}")
-    if namespace:
-        overrides.insert(0, f"kubernetes.namespace={namespace}")
+    if where.kind:
+        overrides.insert(0, f"backend={where.kind}")
+    if where.flavour:
+        overrides.insert(0, f"kubernetes.flavour={where.flavour}")
+    if where.namespace:
+        overrides.insert(0, f"kubernetes.namespace={where.namespace}")
     spec = load_spec(path, overrides)
     if dry_run:
         _dry_run(spec, output)
         return
-    b = _backend(
-        spec.backend, jobs_dir, spec.kubernetes.namespace, kubeconfig, context, spec.kubernetes.flavour
-    )
+    b = _Where(
+        spec.backend,
+        where.jobs_dir,
+        spec.kubernetes.namespace,
+        where.kubeconfig,
+        where.context,
+        spec.kubernetes.flavour,
+    ).backend()
     j = Job(spec, backend=b)
     status = j.create()
     if output == "json":
@@ -271,16 +292,11 @@ def _dry_run(spec: Any, output: str) -> None:
 @_backend_options
 @_output_option
 def list_(
-    backend: str | None,
-    jobs_dir: str | None,
-    namespace: str | None,
-    kubeconfig: str | None,
-    context: str | None,
-    flavour: str | None,
+    where: _Where,
     output: str,
 ) -> None:
     """List jobs as a table."""
-    jobs = Job.list(_backend(backend, jobs_dir, namespace, kubeconfig, context, flavour))
+    jobs = Job.list(where.backend())
     if output == "json":
         _json([s.to_dict() for s in jobs])
         return
@@ -348,18 +364,11 @@ def _print_description(d: JobDescription) -> None:
 @_output_option
 def describe(
     name: str,
-    backend: str | None,
-    jobs_dir: str | None,
-    namespace: str | None,
-    kubeconfig: str | None,
-    context: str | None,
-    flavour: str | None,
+    where: _Where,
     output: str,
 ) -> None:
     """Show a job's state, nodes, restart history and its last incidents' timelines."""
-    d = Job(
-        name=name, backend=_backend(backend, jobs_dir, namespace, kubeconfig, context, flavour)
-    ).describe()
+    d = Job(name=name, backend=where.backend()).describe()
     if output == "json":
         _json(d.to_dict())
     else:
@@ -378,16 +387,11 @@ def logs(
     follow: bool,
     node: str | None,
     rank: int | None,
-    backend: str | None,
-    jobs_dir: str | None,
-    namespace: str | None,
-    kubeconfig: str | None,
-    context: str | None,
-    flavour: str | None,
+    where: _Where,
     output: str,
 ) -> None:
     """Print a job's output, every line prefixed by its node and rank."""
-    j = Job(name=name, backend=_backend(backend, jobs_dir, namespace, kubeconfig, context, flavour))
+    j = Job(name=name, backend=where.backend())
     for line in j.logs(follow=follow, node=node, rank=rank):
         if output == "json":
             click.echo(
@@ -405,16 +409,11 @@ def logs(
 @_output_option
 def events(
     name: str,
-    backend: str | None,
-    jobs_dir: str | None,
-    namespace: str | None,
-    kubeconfig: str | None,
-    context: str | None,
-    flavour: str | None,
+    where: _Where,
     output: str,
 ) -> None:
     """Print a job's recovery events (local: the agents' timelines; Kubernetes: API events)."""
-    b = _backend(backend, jobs_dir, namespace, kubeconfig, context, flavour)
+    b = where.backend()
     evs = Job(name=name, backend=b).events()
     if output == "json":
         _json(evs)
@@ -434,16 +433,11 @@ def events(
 @_output_option
 def delete(
     name: str,
-    backend: str | None,
-    jobs_dir: str | None,
-    namespace: str | None,
-    kubeconfig: str | None,
-    context: str | None,
-    flavour: str | None,
+    where: _Where,
     output: str,
 ) -> None:
     """Stop a job's nodes and delete it with its state and logs."""
-    Job(name=name, backend=_backend(backend, jobs_dir, namespace, kubeconfig, context, flavour)).delete()
+    Job(name=name, backend=where.backend()).delete()
     if output == "json":
         _json({"deleted": name})
     else:
