@@ -36,10 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from netns import loopback_netns
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -84,15 +84,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -- running jobs ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def loopback_netns() -> Iterator[str]:
-    name = f"stalwart_det_{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _worker_args(args: argparse.Namespace, progress: Path, steps: int, noise: float) -> list[str]:
@@ -336,7 +327,7 @@ def main() -> None:
         f"({results['report_cost']['ratio']:.2f}x a bare sendto)",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="stalwart-det-") as tmp, loopback_netns() as ns:
+    with tempfile.TemporaryDirectory(prefix="stalwart-det-") as tmp, loopback_netns("stalwart_det") as ns:
         work = Path(tmp)
         for rep in range(args.reps):
             for name in args.faults.split(","):

@@ -30,12 +30,12 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+
+from netns import loopback_netns
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "examples" / "train.py")
@@ -79,18 +79,6 @@ def launcher_cmd(name: str, log_dir: Path, restarts: int) -> list[str]:
     if name == "stalwart":
         return [str(BIN / "stalwart"), "run", *common]
     raise SystemExit(f"unknown launcher {name!r}: use torchrun or stalwart")
-
-
-@contextlib.contextmanager
-def loopback_netns() -> Iterator[str]:
-    """A network namespace with only ``lo`` up, deleted on exit."""
-    name = f"stalwart_bench_{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _reader(stream, q: queue.Queue) -> None:
@@ -362,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir
         else tempfile.TemporaryDirectory(prefix="stalwart-bench-")
     )
-    with keep as work, loopback_netns() as ns:
+    with keep as work, loopback_netns("stalwart_bench") as ns:
         for rep in range(args.reps):
             for launcher in args.launchers:  # alternate, so that load drifts hit both alike
                 r = one_run(args, launcher, rep, ns, Path(work))
