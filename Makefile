@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) bench/recovery.py
 	$(PY) bench/detection.py
 	$(PY) bench/checkpoint.py
+	$(PY) bench/standby.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
