@@ -31,6 +31,7 @@ def _config(tmp_path: Path, *argv: str):  # type: ignore[no-untyped-def]
         (["--user-error-threshold", "0"], "--user-error-threshold"),
         (["--restart-ladder", "exit,restart_workers"], "must be in ladder order"),
         (["--restart-ladder", "in_process,exit"], "in_process rung is not available"),
+        (["--rdzv-poll-interval", "0"], "--rdzv-poll-interval 0.0"),
         (["--max-restarts", "-1"], "--max-restarts -1"),
         (["--monitor-interval", "0"], "--monitor-interval 0"),
         (["--standby-preload", "numpy,not a module"], "'not a module' is not a module name"),

@@ -45,6 +45,8 @@ class AgentConfig:
     min_nodes: int = 1
     max_nodes: int = 1
     rdzv_configs: dict[str, Any] = field(default_factory=dict)
+    rdzv_poll_interval: float = 1.0
+    """Seconds between polls of the rendezvous state while waiting for peers (torch: 1 s)."""
     local_addr: str | None = None
     master_addr: str | None = None
     master_port: int | None = None

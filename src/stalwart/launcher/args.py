@@ -29,6 +29,7 @@ from torch.distributed.run import (
 
 from stalwart.agent.api import AgentConfig
 from stalwart.agent.policy import ladder_from_names
+from stalwart.agent.rendezvous import auto_poll_interval
 from stalwart.errors import ConfigError
 from stalwart.health.config import add_health_arguments, build_monitors
 from stalwart.worker.api import ENV_FAULT
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: all three.",
     )
     g.add_argument(
+        "--rdzv-poll-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Seconds between polls of the c10d/etcd-v2 rendezvous state while waiting for peers "
+        "(torch polls every 1 s). Default: 2 ms per node of --nnodes' maximum, 0.05 to 1 s.",
+    )
+    g.add_argument(
         "--restart-grace",
         type=float,
         default=5.0,
@@ -141,6 +150,8 @@ def _validate(args: argparse.Namespace) -> None:
         ladder_from_names(args.restart_ladder.split(","))
     except ValueError as exc:
         raise ConfigError(f"--restart-ladder {args.restart_ladder!r}: {exc}") from exc
+    if args.rdzv_poll_interval is not None and not 0 < args.rdzv_poll_interval <= 60:
+        raise ConfigError(f"--rdzv-poll-interval {args.rdzv_poll_interval}: use a value in (0, 60] seconds")
     if args.user_error_threshold <= 0:
         raise ConfigError("--user-error-threshold must be > 0 seconds")
     if args.restart_grace < 0:
@@ -262,6 +273,9 @@ def build_config(
         run_id=args.rdzv_id,
         min_nodes=min_nodes,
         max_nodes=max_nodes,
+        rdzv_poll_interval=(
+            args.rdzv_poll_interval if args.rdzv_poll_interval is not None else auto_poll_interval(max_nodes)
+        ),
         rdzv_configs=rdzv_configs,
         local_addr=args.local_addr,
         master_addr=args.master_addr,

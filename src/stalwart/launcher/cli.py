@@ -35,6 +35,7 @@ def main(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
     from stalwart.agent.agent import StalwartAgent
+    from stalwart.agent.rendezvous import set_poll_interval, tune_handler
     from stalwart.health.stacks import flight_recorder_env
     from stalwart.launcher.args import build_config, parse
     from stalwart.launcher.netenv import configure_network_env
@@ -61,6 +62,7 @@ def main(argv: Sequence[str]) -> int:
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
 
     def agent_main() -> int:
+        set_poll_interval(config.rdzv_poll_interval)
         params = RendezvousParameters(
             backend=config.rdzv_backend,
             endpoint=config.rdzv_endpoint,
@@ -72,6 +74,7 @@ def main(argv: Sequence[str]) -> int:
         )
         try:
             handler = rdzv_registry.get_rendezvous_handler(params)
+            tune_handler(handler, config.rdzv_poll_interval)
         except (RendezvousError, ValueError) as exc:
             print(
                 f"stalwart: error: cannot reach the {config.rdzv_backend} rendezvous at "
