@@ -272,7 +272,11 @@ class Storage(Protocol):
     uri: str
 
     def write(self, path: str, buffers: Sequence[memoryview]) -> None:
-        """Write the concatenation of ``buffers`` to ``path``; durable when this returns."""
+        """Write the concatenation of ``buffers`` to ``path``; durable when this returns.
+
+        An implementation may also take ``ready: Callable[[int], None]`` (keyword): called before
+        it reads the bytes up to a file offset, blocking until the caller has filled them. The
+        ``Checkpointer`` then starts writing while the snapshot is still copying."""
         ...
 
     def write_atomic(self, path: str, data: bytes, *, exclusive: bool = False) -> None:

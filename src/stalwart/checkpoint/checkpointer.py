@@ -4,7 +4,8 @@ A save runs in two phases (CheckFreq's snapshot/persist):
 
 1. **snapshot**, in the training loop: one copy of every tensor into a reused staging buffer that
    is a /dev/shm mapping (the memory tier), pinned when CUDA is present.
-2. **persist**, in one background thread: checksums, the memory-tier commit, the shard file and
+2. **persist**, in one background thread (for ``blocking=True`` it starts at once and follows
+   the copy piece by piece, so the save costs about max(copy, write)): checksums, the memory-tier commit, the shard file and
    part record on the durable storage, and on rank 0 the manifest commit and retention.
 
 A failed persist never stops training: it is logged as a warning and counted in
@@ -18,6 +19,7 @@ import atexit
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -105,6 +107,34 @@ class CheckpointConfig:
             raise ConfigError(f"io_threads={self.io_threads} must be at least 1")
 
 
+class Progress:
+    """How far a snapshot has copied (bytes of the data section, in order), for the persist."""
+
+    def __init__(self, *, follow: bool = True) -> None:
+        self._cond = threading.Condition()
+        self._done = 0
+        self._error: BaseException | None = None
+        self.follow = follow  # False: the persist waits for the whole copy before it starts
+
+    def advance(self, done: int) -> None:
+        with self._cond:
+            self._done = max(self._done, done)
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
+
+    def wait(self, upto: int) -> None:
+        """Block until the first ``upto`` bytes are copied; raise if the copy failed."""
+        with self._cond:
+            while self._done < upto and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise CheckpointError(f"the snapshot failed: {self._error}") from self._error
+
+
 class Checkpointer:
     """Saves and loads training state at ``uri`` (a path, ``file://`` or ``s3://``).
 
@@ -137,6 +167,8 @@ class Checkpointer:
         self.rank = dist.get_rank(process_group) if self._dist else 0
         self.world_size = dist.get_world_size(process_group) if self._dist else 1
         self._token = self._agree_token()
+        # storages whose write takes ``ready`` start writing while the snapshot is still copying
+        self._pipelined = "ready" in inspect.signature(self.storage.write).parameters
         self._metrics: CheckpointMetrics = checkpoint_metrics(registry)
         self.job = self.config.job or hashlib.sha1(self.storage.uri.encode()).hexdigest()[:12]
         self._slots = self.config.max_in_flight + 1
@@ -207,32 +239,42 @@ class Checkpointer:
         self._seq += 1
         attempt = f"{self._token}-{self._seq}"
         try:
-            buf = self._snapshot(slot, layout)
+            buf = self._buffer(slot, layout.file_bytes)
         except (RuntimeError, OSError, CheckpointError) as exc:  # out of memory, a full /dev/shm...
             failed: Future[CheckpointRef | None] = Future()
             failed.set_result(self._persist_failed(step, attempt, exc))
             return failed
-        self._metrics.blocking_seconds.observe(time.perf_counter() - started)
-        future = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt)
+        # a blocking save persists while it copies, piece by piece (writes and checksums wait for
+        # the bytes they need): it costs about max(copy, write), not the sum. An async save keeps
+        # its copy, the only part the training loop waits for, free of that contention.
+        progress = Progress(follow=blocking)
+        future = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt, progress)
         self._pending.append(future)
+        try:
+            self._snapshot(buf, layout, progress)
+        except BaseException as exc:
+            progress.fail(exc)  # the persist reports the failed save (and never waits forever)
+            if not isinstance(exc, RuntimeError | OSError | CheckpointError):
+                raise
+        self._metrics.blocking_seconds.observe(time.perf_counter() - started)
         if blocking:
             future.result()
         return future
 
-    def _snapshot(self, slot: int, layout: Layout) -> torch.Tensor:
+    def _snapshot(self, buf: torch.Tensor, layout: Layout, progress: Progress) -> None:
         """Copy every piece into the slot's staging buffer (the memory tier): the blocking part."""
-        buf = self._buffer(slot, layout.file_bytes)
         buf[: len(layout.header)].copy_(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
         data = buf[len(layout.header) :]
-        on_gpu = False
-        for piece in layout.pieces:
+        on_gpu = any(piece.tensor.device.type == "cuda" for piece in layout.pieces)
+        for piece in layout.pieces:  # in data order
             src = piece.tensor.detach()
-            on_gpu |= src.device.type == "cuda"
             dst = data[piece.start : piece.start + piece.nbytes].view(src.dtype).view(src.shape)
             dst.copy_(src, non_blocking=True)
+            if not on_gpu:
+                progress.advance(piece.start + piece.nbytes)
         if on_gpu:
             torch.cuda.synchronize()
-        return buf
+        progress.advance(layout.data_bytes)
 
     def _collect(self, state: dict[str, Any]) -> tuple[list[Piece], dict[str, Any]]:
         pieces: list[Piece] = []
@@ -269,10 +311,17 @@ class Checkpointer:
         return current
 
     def _persist(
-        self, step: int, slot: int, layout: Layout, buf: torch.Tensor, values: dict[str, Any], attempt: str
+        self,
+        step: int,
+        slot: int,
+        layout: Layout,
+        buf: torch.Tensor,
+        values: dict[str, Any],
+        attempt: str,
+        progress: Progress,
     ) -> CheckpointRef | None:
         try:
-            return self._persist_or_raise(step, slot, layout, buf, values, attempt)
+            return self._persist_or_raise(step, slot, layout, buf, values, attempt, progress)
         except Exception as exc:
             return self._persist_failed(step, attempt, exc)
 
@@ -299,8 +348,17 @@ class Checkpointer:
             logger.debug("could not record the failed save of step %d: %s", step, again)
 
     def _persist_or_raise(
-        self, step: int, slot: int, layout: Layout, buf: torch.Tensor, values: dict[str, Any], attempt: str
+        self,
+        step: int,
+        slot: int,
+        layout: Layout,
+        buf: torch.Tensor,
+        values: dict[str, Any],
+        attempt: str,
+        progress: Progress,
     ) -> CheckpointRef:
+        if not progress.follow:
+            progress.wait(layout.data_bytes)
         whole = as_bytes(buf)
         data = whole[len(layout.header) :]
         directory = step_dir(step)
@@ -317,8 +375,15 @@ class Checkpointer:
                 if durable
                 else None
             )
-            written = self._io.submit(self._write_shard, f"{directory}/{name}", shard)
-        crcs = {id(p): crc_slices(data[p.start : p.start + p.nbytes]) for p in layout.pieces}
+            skip = len(layout.durable_header)  # file offset -> data offset
+            written = self._io.submit(
+                self._write_shard, f"{directory}/{name}", shard, lambda end: progress.wait(end - skip)
+            )
+        crcs: dict[int, list[int]] = {}
+        for p in layout.pieces:
+            progress.wait(p.start + p.nbytes)
+            crcs[id(p)] = crc_slices(data[p.start : p.start + p.nbytes])
+        progress.wait(layout.data_bytes)
         if self.memory is not None and self.memory.holds(slot, buf):
             self.memory.commit(
                 slot,
@@ -351,8 +416,13 @@ class Checkpointer:
     ) -> PartRecord:
         return part_record(step, self.rank, self.world_size, attempt, file_name, header, pieces, crcs, values)
 
-    def _write_shard(self, path: str, buffers: list[memoryview] | None) -> None:
-        if buffers is not None:
+    def _write_shard(self, path: str, buffers: list[memoryview] | None, ready: Callable[[int], None]) -> None:
+        if buffers is None:
+            return
+        if self._pipelined:
+            self.storage.write(path, buffers, ready=ready)  # type: ignore[call-arg]
+        else:  # a storage that cannot follow the copy: wait for all of it
+            ready(sum(len(memoryview(b).cast("B")) for b in buffers))
             self.storage.write(path, buffers)
 
     def _commit(self, step: int, attempt: str) -> None:

@@ -31,6 +31,7 @@ from stalwart.checkpoint.api import (
 from stalwart.checkpoint.format import (
     as_bytes,
     crc_slices,
+    crc_slices_copy,
     decode_key,
     dtype_from_code,
     dtype_to_code,
@@ -224,11 +225,24 @@ def _read_and_verify(
     del requests  # every request is one check's buffer: read and verify them together
     for file in sorted({file for file, _, _ in checks}):
         _check_header(source, file)
-    # two loaders: one chunk's checksum overlaps the next chunk's read
+    # two loaders, each reading one contiguous half of the bytes in file order (the kernel's
+    # readahead sees two sequential streams); one's checksum overlaps the other's read
+    todo = sorted((c for c in checks if c[2].size), key=lambda c: (c[0], c[1].start))
+    half, seen, split = sum(c[2].size for c in todo) / 2, 0, len(todo)
+    for i, (_, _, buf) in enumerate(todo):
+        if seen >= half:
+            split = i
+            break
+        seen += buf.size
     with ThreadPoolExecutor(2, thread_name_prefix="stalwart-load") as pool:
-        jobs = [pool.submit(_read_chunk, source, file, chunk, buf) for file, chunk, buf in checks if buf.size]
+        jobs = [pool.submit(_read_chunks, source, part) for part in (todo[:split], todo[split:]) if part]
         for job in jobs:
             job.result()
+
+
+def _read_chunks(source: Source, chunks: Sequence[tuple[str, ChunkEntry, np.ndarray]]) -> None:
+    for file, chunk, buf in chunks:
+        _read_chunk(source, file, chunk, buf)
 
 
 def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box]]) -> None:
@@ -248,6 +262,15 @@ def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box
         for read in plan_reads(entry, box):
             chunk = read.chunk
             raw = source.mapped[chunk.file][chunk.start : chunk.start + chunk.nbytes]  # type: ignore[index]
+            fused = source.verify and read.whole and local.device.type == "cpu" and local.is_contiguous()
+            if fused and chunk.nbytes:
+                # checksum and copy in one pass; a mismatch raises as the durable path does after
+                # reading into the target, and the caller falls back to an older checkpoint
+                if crc_slices_copy(as_bytes(raw), as_bytes(local)) != chunk.crcs:
+                    raise CheckpointCorrupt(
+                        f"{source.where(chunk.file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
+                    )
+                continue
             if source.verify and chunk.nbytes and crc_slices(as_bytes(raw)) != chunk.crcs:
                 raise CheckpointCorrupt(
                     f"{source.where(chunk.file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
@@ -268,15 +291,20 @@ def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box
 
 
 def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray) -> None:
+    read_checked = getattr(source.storage, "read_checked", None)  # POSIX: checksum as it reads
     try:
-        source.storage.read_into(source.prefix + file, [(chunk.start, memoryview(buf))])
+        if read_checked is not None:
+            crcs = read_checked(source.prefix + file, chunk.start, buf)
+        else:
+            source.storage.read_into(source.prefix + file, [(chunk.start, memoryview(buf))])
+            crcs = crc_slices(buf)
     except FileNotFoundError:
         raise CheckpointCorrupt(f"{source.where(file)} is missing") from None
     except CheckpointCorrupt:
         raise
     except OSError as exc:
         raise CheckpointCorrupt(f"cannot read {source.where(file)}: {exc}") from None
-    if crc_slices(buf) != chunk.crcs:
+    if crcs != chunk.crcs:
         raise CheckpointCorrupt(
             f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
         )

@@ -1,0 +1,95 @@
+"""The fast I/O paths: direct writes that follow a copy, checksummed reads, fused load copies."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stalwart.checkpoint import Checkpointer
+from stalwart.checkpoint.format import CHUNK_BYTES, crc_slices, crc_slices_copy
+from stalwart.checkpoint.storage_posix import PosixStorage
+from stalwart.errors import CheckpointError
+
+
+def _aligned(nbytes: int, seed: int) -> tuple[mmap.mmap, np.ndarray]:
+    """A page-aligned buffer (as the staging mapping is) filled with random bytes."""
+    raw = mmap.mmap(-1, nbytes)
+    data = np.frombuffer(raw, dtype=np.uint8)
+    data[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    return raw, data
+
+
+@pytest.mark.parametrize("header", [0, 64, 4096 + 192])
+def test_write_follows_a_copy_and_matches_byte_for_byte(tmp_path: Path, header: int) -> None:
+    storage = PosixStorage(str(tmp_path))
+    raw, data = _aligned(3 * 4096 * 300 + 4096 + 100, seed=header)
+    head = bytes(range(256)) * (header // 256) + b"h" * (header % 256)
+    body = memoryview(raw)[header:]  # file offset == buffer offset: the direct-I/O case
+    copied = threading.Event()
+    asked: list[int] = []
+
+    def ready(end: int) -> None:
+        asked.append(end)
+        assert copied.wait(10), "the write never got its bytes"
+
+    writer = threading.Thread(
+        target=storage.write, args=("f.bin", [memoryview(head), body]), kwargs={"ready": ready}
+    )
+    writer.start()
+    data[header:] ^= 0x5A  # "the copy": the write must see these bytes, not the earlier ones
+    copied.set()
+    writer.join(30)
+    assert not writer.is_alive()
+    expected = head + bytes(data[header:])
+    assert (tmp_path / "f.bin").read_bytes() == expected
+    assert max(asked) == len(expected)
+    del body
+    storage.close()
+
+
+def test_a_failed_copy_fails_the_write_and_leaves_no_file(tmp_path: Path) -> None:
+    storage = PosixStorage(str(tmp_path))
+    raw, _ = _aligned(1 << 20, seed=1)
+
+    def ready(end: int) -> None:
+        raise CheckpointError("the snapshot failed: out of memory")
+
+    with pytest.raises(CheckpointError, match="snapshot failed"):
+        storage.write("f.bin", [memoryview(raw)], ready=ready)
+    assert not (tmp_path / "f.bin").exists()
+    storage.close()
+
+
+def test_read_checked_returns_the_slice_checksums(tmp_path: Path) -> None:
+    storage = PosixStorage(str(tmp_path), direct=False)
+    payload = np.random.default_rng(2).integers(0, 256, CHUNK_BYTES + 3 * (1 << 20) + 17, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(b"x" * 40 + payload.tobytes())
+    into = np.empty_like(payload)
+    assert storage.read_checked("f.bin", 40, into) == crc_slices(payload)
+    assert np.array_equal(into, payload)
+    storage.close()
+
+
+def test_fused_checksum_copy_equals_checksum_then_copy() -> None:
+    src = np.random.default_rng(3).integers(0, 256, CHUNK_BYTES + 12345, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    assert crc_slices_copy(src, dst) == crc_slices(src)
+    assert np.array_equal(dst, src)
+
+
+def test_blocking_save_round_trips_through_the_pipelined_path(tmp_path: Path, config) -> None:
+    state = {f"t{i}": torch.randn(300_001 + i) for i in range(5)}  # odd sizes: unaligned edges
+    ck = Checkpointer(str(tmp_path / "ck"), config)
+    assert ck.save(1, state, blocking=True).result() is not None
+    ck.close(drop_memory=True)
+    config.memory_tier = False
+    fresh = {k: torch.zeros_like(v) for k, v in state.items()}
+    loader = Checkpointer(str(tmp_path / "ck"), config)
+    assert loader.load_latest(fresh) == 1
+    loader.close()
+    assert all(torch.equal(fresh[k], v) for k, v in state.items())
