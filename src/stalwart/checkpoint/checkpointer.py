@@ -62,6 +62,7 @@ from stalwart.checkpoint.reshard import local_box, saves_piece
 from stalwart.checkpoint.retention import apply_retention, committed_steps
 from stalwart.checkpoint.storage import open_storage
 from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
+from stalwart.worker import busy
 
 __all__ = ["CheckpointConfig", "Checkpointer"]
 
@@ -187,6 +188,7 @@ class Checkpointer:
         self._purges: deque[Future[None]] = deque()
         self._stop = threading.Event()
         self._seq = 0
+        self._last_save_bytes = 0
         self._closed = False
         self.last_error: BaseException | None = None
         self._prev_sigterm: Any = None
@@ -227,6 +229,8 @@ class Checkpointer:
             raise CheckpointError("save() called after close(): create a new Checkpointer")
         if step < 0:
             raise ConfigError(f"checkpoint step {step} must be non-negative")
+        if len(self._pending) >= self.config.max_in_flight:
+            busy(_persist_allowance(self._last_save_bytes))  # waiting for a save is not a hang
         while len(self._pending) >= self.config.max_in_flight:
             self._pending.popleft().result()
         while self._purges and self._purges[0].done():
@@ -235,6 +239,7 @@ class Checkpointer:
         pieces, values = self._collect(state)
         metadata = {"format": "stalwart", "step": str(step), "rank": str(self.rank)}
         layout = plan_layout(pieces, metadata)
+        self._last_save_bytes = layout.file_bytes
         slot = self._seq % self._slots
         self._seq += 1
         attempt = f"{self._token}-{self._seq}"
@@ -258,6 +263,7 @@ class Checkpointer:
                 raise
         self._metrics.blocking_seconds.observe(time.perf_counter() - started)
         if blocking:
+            busy(_persist_allowance(layout.file_bytes))
             future.result()
         return future
 
@@ -571,3 +577,12 @@ class Checkpointer:
         elif previous != signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _persist_allowance(nbytes: int) -> float:
+    """Seconds a save of ``nbytes`` may block training before the hang monitor may call it a hang.
+
+    Generous on purpose (a slow network file system at 50 MB/s, plus a minute): a wrong hang
+    verdict restarts the job, a late one only delays the verdict on a save that really hangs.
+    """
+    return 60.0 + nbytes / 50e6
