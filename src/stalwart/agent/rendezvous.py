@@ -39,10 +39,16 @@ def set_poll_interval(seconds: float) -> bool:
     original = getattr(original, "__wrapped__", original)
 
     # HACK: torch exposes no setting for this fixed 1 s sleep; `_delay` is looked up in the
-    # module's namespace on every call, so replacing it there changes only the poll (other
-    # calls pass other values and are forwarded unchanged).
+    # module's namespace on every call, so replacing it there changes only the poll (and the
+    # join skew, the only other call, which passes a range).
     def _delay(seconds: float | tuple[float, float]) -> None:
-        original(seconds=poll if seconds == _TORCH_POLL_SECONDS else seconds)
+        if seconds == _TORCH_POLL_SECONDS:
+            seconds = poll
+        elif isinstance(seconds, tuple):
+            # the random 0-0.3 s skew before joining, meant to spread many nodes' first attempts,
+            # scaled like the poll: negligible for small jobs, torch's own for large ones
+            seconds = (seconds[0] * poll, seconds[1] * poll)
+        original(seconds=seconds)
 
     poll = seconds
     _delay.__wrapped__ = original  # type: ignore[attr-defined]
