@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stalwart.agent.standby import LaunchSpec, StandbyPool
+from stalwart.agent.standby import LaunchSpec, StandbyPool, _PoolState
 from stalwart.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(240)
@@ -274,6 +275,27 @@ def test_close_kills_standbys_but_not_launched_workers(
         pool.launch(LaunchSpec("script.py", (), base_env, str(tmp_path)))
 
 
+def test_close_waits_for_a_spawn_in_flight(base_env: dict[str, str]) -> None:
+    started = threading.Event()
+
+    class ParkedPool(StandbyPool):
+        """Parks the spawner thread after starting a standby until close() has begun: the
+        window in which close() used to return with that standby still alive."""
+
+        def _spawn(self, env, cwd, fresh):  # type: ignore[no-untyped-def]
+            standby = super()._spawn(env, cwd, fresh)
+            started.set()
+            _wait_for(lambda: self._state is _PoolState.CLOSED, "close()", 30)
+            return standby
+
+    pool = ParkedPool(1, env={**base_env, "H6_POOL": "inflight"})
+    pool.start()
+    assert started.wait(30)
+    assert _bootstraps("inflight")
+    pool.close()
+    assert _bootstraps("inflight") == set()
+
+
 def test_standbys_and_workers_die_with_the_agent(base_env: dict[str, str], tmp_path: Path) -> None:
     _script(tmp_path, "import time\ntime.sleep(300)\n")
     agent = tmp_path / "agent.py"
@@ -281,7 +303,7 @@ def test_standbys_and_workers_die_with_the_agent(base_env: dict[str, str], tmp_p
         textwrap.dedent(
             f"""
             import os, sys, time
-            from stalwart.agent.standby import LaunchSpec, StandbyPool
+            from stalwart.agent.standby import LaunchSpec, StandbyPool, _PoolState
             pool = StandbyPool(1)
             pool.start()
             while pool.ready_count() < 1:

@@ -187,6 +187,7 @@ class StandbyPool:
         self.refill_delay = refill_delay
         self._sensitive_env = import_sensitive_env(self.env)
         self._lock = threading.RLock()
+        self._spawned = threading.Condition(self._lock)  # notified when _pending drops
         self._state = _PoolState.NEW
         self._standbys: list[_Standby] = []
         self._pending = 0  # spawns queued on the spawner thread, not yet in _standbys
@@ -263,7 +264,11 @@ class StandbyPool:
         return fresh.proc
 
     def close(self) -> None:
-        """Kill the standbys not yet promoted (their process groups) and reap them, bounded."""
+        """Kill the standbys not yet promoted (their process groups) and reap them, bounded.
+
+        A standby whose spawn is in flight on the spawner thread is killed there as it arrives;
+        close() waits for that too (bounded), so no standby outlives the call.
+        """
         with self._lock:
             self._state = _PoolState.CLOSED
             standbys, self._standbys = self._standbys, []
@@ -275,6 +280,11 @@ class StandbyPool:
         deadline = time.monotonic() + 5.0
         for s in standbys:
             self._reap(s, deadline)
+        if threading.current_thread() is not _get_spawner()._thread:
+            with self._lock:
+                self._spawned.wait_for(
+                    lambda: self._pending == 0, timeout=max(deadline - time.monotonic(), 0.05)
+                )
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -381,21 +391,32 @@ class StandbyPool:
 
     def _spawn_standby(self) -> None:
         """On the spawner thread: start one standby and add it to the pool (or kill it if closed)."""
+        with self._lock:
+            if self._state is not _PoolState.RUNNING:
+                self._spawn_done()
+                return
         try:
             standby = self._spawn(self.env, None, fresh=False)
         except Exception:
             logger.exception("could not start a standby worker")
             with self._lock:
-                self._pending -= 1
                 self._failures += 1
+                self._spawn_done()
             return
         standby.sock.setblocking(False)
         with self._lock:
-            self._pending -= 1
             if self._state is _PoolState.RUNNING:
                 self._standbys.append(standby)
+                self._spawn_done()
                 return
         self._kill(standby)
+        with self._lock:
+            self._spawn_done()
+
+    def _spawn_done(self) -> None:
+        """One queued spawn finished (lock held)."""
+        self._pending -= 1
+        self._spawned.notify_all()
 
     def _spawn(self, env: Mapping[str, str], cwd: str | None, fresh: bool) -> _Standby:
         """Start a bootstrap process (must run on the spawner thread, see the module docstring)."""
