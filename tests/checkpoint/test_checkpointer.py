@@ -80,6 +80,47 @@ def test_save_then_load_latest_restores_every_tensor_and_value_in_place(
     ck.close()
 
 
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "async"])
+@pytest.mark.parametrize("memory_tier", [True, False], ids=["memory", "durable"])
+def test_odd_tensors_round_trip_through_both_copy_paths(
+    tmp_path: Path, config: CheckpointConfig, blocking: bool, memory_tier: bool
+) -> None:
+    # blocking saves checksum while they copy (through numpy), async ones copy with torch
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "transposed": torch.randn(33, 17, generator=g).t(),  # not contiguous
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "mask": torch.rand(1001, generator=g) > 0.5,
+        "empty": torch.empty(0, 4),
+        "half": torch.randn(129, generator=g).to(torch.bfloat16),
+        "negated": torch.randn(8, generator=g)._neg_view(),  # a lazy view numpy refuses
+        "big": torch.randn(3 << 20, generator=g),  # several checksum blocks
+    }
+    expected = {k: v.clone().resolve_neg() for k, v in state.items()}
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=memory_tier, verify_memory=True))
+    assert ck.save(4, state, blocking=blocking).result() is not None
+    target = {k: torch.zeros_like(v.resolve_neg()) for k, v in state.items()}
+    assert ck.load_latest(target) == 4
+    _assert_same(target, expected)
+    ck.close(drop_memory=True)
+    durable = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    target = {k: torch.zeros_like(v) for k, v in expected.items()}
+    assert durable.load_latest(target) == 4  # the durable shard's checksums match its bytes
+    _assert_same(target, expected)
+    durable.close()
+
+
+def test_staging_buffer_without_memory_tier_is_page_aligned_for_direct_io(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    # a 64-byte aligned torch.empty buffer sent every shard write through the page cache (3x slower)
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    buf = ck._buffer(0, 10_000)
+    assert buf.numel() == 10_000 and buf.data_ptr() % 4096 == 0
+    assert ck._buffer(0, 10_000) is buf  # reused
+    ck.close()
+
+
 def test_load_latest_with_no_checkpoint_returns_none(tmp_path: Path, config: CheckpointConfig) -> None:
     ck = Checkpointer(str(tmp_path / "empty"), config)
     assert ck.load_latest(_zeros_like(_state(0))) is None

@@ -22,6 +22,7 @@ import hashlib
 import inspect
 import logging
 import math
+import mmap
 import os
 import signal
 import threading
@@ -52,11 +53,12 @@ from stalwart.checkpoint.format import (
     Piece,
     as_bytes,
     crc_slices,
+    crc_slices_copy,
     flatten,
     plan_layout,
 )
 from stalwart.checkpoint.loader import Source, load_into, snapshot_values
-from stalwart.checkpoint.memory import DEFAULT_SHM_ROOT, MemoryTier, pin, remove_job
+from stalwart.checkpoint.memory import DEFAULT_SHM_ROOT, MemoryTier, pin, remove_job, unpin
 from stalwart.checkpoint.metrics import CheckpointMetrics, checkpoint_metrics
 from stalwart.checkpoint.reshard import local_box, saves_piece
 from stalwart.checkpoint.retention import apply_retention, committed_steps
@@ -115,6 +117,7 @@ class Progress:
         self._cond = threading.Condition()
         self._done = 0
         self._error: BaseException | None = None
+        self.crcs: dict[int, list[int]] = {}  # piece id -> slice crcs computed during the copy
         self.follow = follow  # False: the persist waits for the whole copy before it starts
 
     def advance(self, done: int) -> None:
@@ -249,9 +252,10 @@ class Checkpointer:
             failed: Future[CheckpointRef | None] = Future()
             failed.set_result(self._persist_failed(step, attempt, exc))
             return failed
-        # a blocking save persists while it copies, piece by piece (writes and checksums wait for
-        # the bytes they need): it costs about max(copy, write), not the sum. An async save keeps
-        # its copy, the only part the training loop waits for, free of that contention.
+        # a blocking save persists while it copies, piece by piece (the write waits for the bytes
+        # it needs): it costs about max(copy, write), not the sum. An async save keeps its copy,
+        # the only part the training loop waits for, free of that contention (letting the write
+        # follow it doubled the blocking time here and made the save slower, bench/checkpoint.py).
         progress = Progress(follow=blocking)
         future = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt, progress)
         self._pending.append(future)
@@ -274,7 +278,15 @@ class Checkpointer:
         on_gpu = any(piece.tensor.device.type == "cuda" for piece in layout.pieces)
         for piece in layout.pieces:  # in data order
             src = piece.tensor.detach()
-            dst = data[piece.start : piece.start + piece.nbytes].view(src.dtype).view(src.shape)
+            dst_bytes = data[piece.start : piece.start + piece.nbytes]
+            if progress.follow and _plain_cpu(src):
+                # a blocking save checksums while it copies: each block is read from memory once,
+                # which leaves more memory bandwidth to the shard write that streams alongside
+                raw = src.reshape(-1).view(torch.uint8).numpy()
+                progress.crcs[id(piece)] = crc_slices_copy(raw, dst_bytes.numpy())
+                progress.advance(piece.start + piece.nbytes)
+                continue
+            dst = dst_bytes.view(src.dtype).view(src.shape)
             dst.copy_(src, non_blocking=True)
             if not on_gpu:
                 progress.advance(piece.start + piece.nbytes)
@@ -312,7 +324,12 @@ class Checkpointer:
                 logger.warning("memory tier skipped for this save: %s", exc)
         current = self._private.get(slot)
         if current is None or current.numel() != nbytes:
-            current = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            if current is not None:
+                unpin(current)
+            # page-aligned like a memory-tier mapping, so the shard write can bypass the page
+            # cache (O_DIRECT); torch.empty's 64-byte alignment would send it through the cache
+            current = torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)[:nbytes]
+            pin(current)
             self._private[slot] = current
         return current
 
@@ -388,7 +405,8 @@ class Checkpointer:
         crcs: dict[int, list[int]] = {}
         for p in layout.pieces:
             progress.wait(p.start + p.nbytes)
-            crcs[id(p)] = crc_slices(data[p.start : p.start + p.nbytes])
+            done = progress.crcs.get(id(p))
+            crcs[id(p)] = done if done is not None else crc_slices(data[p.start : p.start + p.nbytes])
         progress.wait(layout.data_bytes)
         if self.memory is not None and self.memory.holds(slot, buf):
             self.memory.commit(
@@ -550,6 +568,9 @@ class Checkpointer:
         self._executor.shutdown(wait=True)
         self._io.shutdown(wait=True)
         self._purge.shutdown(wait=True)
+        for private in self._private.values():
+            unpin(private)
+        self._private.clear()
         if self.memory is not None:
             self.memory.close()
             if drop_memory:
@@ -577,6 +598,18 @@ class Checkpointer:
         elif previous != signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    """A dense, contiguous CPU tensor whose bytes numpy can read as they are."""
+    return (
+        t.device.type == "cpu"
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+        and t.numel() > 0
+    )
 
 
 def _persist_allowance(nbytes: int) -> float:
