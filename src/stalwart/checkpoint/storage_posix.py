@@ -27,7 +27,12 @@ from stalwart.errors import CheckpointCorrupt, CheckpointError
 
 __all__ = ["PosixStorage"]
 
-_BLOCK = 32 << 20
+_BLOCK = 32 << 20  # reads
+# Writes: large blocks keep the disk's queue full between syscalls (1 GiB with two threads here:
+# 8 MiB blocks 266 ms, 32 MiB 251 ms, 128 MiB 247 ms). A write that follows a copy starts with
+# small blocks, so the disk starts after a few MiB are copied, and doubles up to the largest.
+_WRITE_BLOCK_MAX = 128 << 20
+_WRITE_BLOCK_FIRST = 8 << 20
 _CHECKED_BLOCK = 1 << 20  # read, then checksum while it is in L2
 _DIRECT_ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -84,13 +89,17 @@ class PosixStorage:
         jobs: list[Future[None]] = []
         try:
             offset = 0
+            block = _WRITE_BLOCK_MAX if ready is None else _WRITE_BLOCK_FIRST
             for buf in buffers:
                 view = memoryview(buf).cast("B")
                 for start, stop, direct in _split_aligned(view, offset, dfd is not None):
-                    for i in range(start, stop, _BLOCK):
-                        piece = view[i : min(i + _BLOCK, stop)]
+                    i = start
+                    while i < stop:
+                        piece = view[i : min(i + block, stop)]
                         out = dfd if direct and dfd is not None else None
                         jobs.append(self._pool.submit(_write_block, out, fd, piece, offset + i, ready))
+                        i += len(piece)
+                        block = min(2 * block, _WRITE_BLOCK_MAX)
                 offset += len(view)
             for job in jobs:
                 job.result()
