@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -296,6 +295,9 @@ class LocalBackend:
         """
         import psutil
 
+        from stalwart.launcher.pid1 import terminate_processes
+
+        tops: list[psutil.Process] = []
         procs: list[psutil.Process] = []
         for node in nodes:
             top = _process(node["pid"], node.get("started"))
@@ -305,18 +307,9 @@ class LocalBackend:
                 tree = [top, *top.children(recursive=True)]
             except psutil.Error:
                 tree = [top]
+            tops.append(top)
             procs += tree
-            try:
-                top.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        terminate_processes(tops, procs, grace)
 
     def list(self) -> list[JobStatus]:
         if not self.jobs_dir.is_dir():

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import psutil
 
-__all__ = ["ENV_INIT", "FORWARDED_SIGNALS", "LEFTOVER_GRACE_S", "run_as_init"]
+__all__ = ["ENV_INIT", "FORWARDED_SIGNALS", "LEFTOVER_GRACE_S", "run_as_init", "terminate_processes"]
 
 ENV_INIT = "STALWART_INIT"
 """``1`` forces init mode even when this process is not PID 1; ``0`` disables it even as PID 1."""
@@ -146,16 +146,23 @@ class _Init:
         if not left:
             self._reap()
             return
-        for p in left:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(left, timeout=LEFTOVER_GRACE_S)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=LEFTOVER_GRACE_S)
+        terminate_processes(left, left, LEFTOVER_GRACE_S)
         self._reap()
+
+
+def terminate_processes(signalled: list[psutil.Process], waited: list[psutil.Process], grace: float) -> None:
+    """SIGTERM ``signalled``, wait up to ``grace`` seconds for ``waited`` to exit, SIGKILL the
+    ones still alive and wait for them (bounded). ``waited`` may hold whole process trees whose
+    leaders alone are signalled; processes already gone are skipped."""
+    for p in signalled:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(waited, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
