@@ -287,7 +287,8 @@ class Checkpointer:
                 # which leaves more memory bandwidth to the shard write that streams alongside
                 raw = src.reshape(-1).view(torch.uint8).numpy()
                 progress.crcs[id(piece)] = crc_slices_copy(raw, dst_bytes.numpy())
-                progress.advance(piece.start + piece.nbytes)
+                if not on_gpu:  # else an earlier GPU piece may still be in flight
+                    progress.advance(piece.start + piece.nbytes)
                 continue
             dst = dst_bytes.view(src.dtype).view(src.shape)
             dst.copy_(src, non_blocking=True)
