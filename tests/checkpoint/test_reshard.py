@@ -21,9 +21,12 @@ WORKER = Path(__file__).parent / "workers" / "reshard_worker.py"
 REPO = Path(__file__).parents[2]
 
 
-def _run_two_ranks(mode: str, root: Path, tmp_path: Path, shm: str | None = None) -> None:
+def _run_two_ranks(
+    mode: str, root: Path, tmp_path: Path, shm: str | None = None, mirror: Path | None = None
+) -> None:
     store = tmp_path / f"store-{mode}-{uuid.uuid4().hex[:6]}"
     extra = ["--shm", shm] if shm else []
+    extra += ["--mirror", str(mirror)] if mirror else []
     procs = [
         subprocess.Popen(
             [
@@ -104,6 +107,18 @@ def test_two_ranks_restarted_on_the_same_node_reload_replicas_from_their_memory_
     for shard in root.glob("step-000000007/rank-*.safetensors"):
         shard.unlink()  # only the memory tier can serve the reload now
     _run_two_ranks("load-same", root, tmp_path, shm)
+
+
+def test_two_ranks_commit_on_a_mirror_and_reload_from_it_when_the_checkpoint_uri_lost_the_step(
+    tmp_path: Path,
+) -> None:
+    root, mirror = tmp_path / "ck", tmp_path / "mirror"
+    _run_two_ranks("save", root, tmp_path, mirror=mirror)
+    manifest = json.loads((mirror / "step-000000007/manifest.json").read_text())
+    assert manifest["world_size"] == 2  # rank 0 committed there after both ranks' parts arrived
+    assert sorted(manifest["files"]) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    (root / "step-000000007" / "rank-00001.safetensors").unlink()
+    _run_two_ranks("load-same", root, tmp_path, mirror=mirror)  # rank 1 from the mirror
 
 
 def test_a_sharding_that_leaves_gaps_is_refused_naming_the_tensor() -> None:

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -163,10 +163,21 @@ class Checkpointer:
         process_group: dist.ProcessGroup | None = None,
         distributed: bool = True,
         registry: Any = None,
+        mirrors: Sequence[str | Storage] = (),
         **s3_options: Any,
     ) -> None:
         self.config = config or CheckpointConfig()
         self.storage = storage or open_storage(uri, threads=self.config.io_threads, **s3_options)
+        self.mirrors: list[Storage] = [
+            open_storage(m, threads=self.config.io_threads, **s3_options) if isinstance(m, str) else m
+            for m in mirrors
+        ]
+        uris = [self.storage.uri, *(m.uri for m in self.mirrors)]
+        if len(set(uris)) != len(uris):
+            raise ConfigError(
+                f"checkpoint tiers {uris} repeat a location: each mirror must differ from the "
+                "checkpoint URI and from the other mirrors"
+            )
         self.uri = uri
         self._pg = process_group
         self._dist = distributed and dist.is_available() and dist.is_initialized()
@@ -228,7 +239,9 @@ class Checkpointer:
         """Snapshot ``state`` now and persist it in the background (or before returning).
 
         Returns a future of the saved ``CheckpointRef``, or of None when persisting failed (the
-        failure is logged and counted, never raised: training goes on).
+        failure is logged and counted, never raised: training goes on). The future is done once
+        the checkpoint is committed on the checkpoint URI; copies to ``mirrors`` follow in the
+        background (a later ``save``, ``wait`` or ``close`` waits for them).
         """
         if self._closed:
             raise CheckpointError("save() called after close(): create a new Checkpointer")
@@ -260,8 +273,9 @@ class Checkpointer:
         # checksums after it, so the copy the training loop waits for competes with the disk
         # writes alone (checksumming alongside doubled its blocking time here).
         progress = Progress(fused=blocking)
-        future = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt, progress)
-        self._pending.append(future)
+        future: Future[CheckpointRef | None] = Future()
+        job = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt, progress, future)
+        self._pending.append(job)
         try:
             self._snapshot(buf, layout, progress)
         except BaseException as exc:
@@ -346,11 +360,19 @@ class Checkpointer:
         values: dict[str, Any],
         attempt: str,
         progress: Progress,
-    ) -> CheckpointRef | None:
+        future: Future[CheckpointRef | None],
+    ) -> None:
+        """The background part of one save: persist, resolve ``future``, then fill the mirrors
+        from the same staging buffer (its slot is not reused while this job runs)."""
         try:
-            return self._persist_or_raise(step, slot, layout, buf, values, attempt, progress)
+            ref, part = self._persist_or_raise(step, slot, layout, buf, values, attempt, progress)
         except Exception as exc:
-            return self._persist_failed(step, attempt, exc)
+            future.set_result(self._persist_failed(step, attempt, exc))
+            return
+        future.set_result(ref)
+        if part is not None:
+            for mirror in self.mirrors:
+                self._mirror(mirror, step, attempt, layout, buf, part)
 
     def _persist_failed(self, step: int, attempt: str, exc: Exception) -> None:
         """Report a failed save as an event (warning + metric) and tell rank 0; never raise."""
@@ -383,7 +405,9 @@ class Checkpointer:
         values: dict[str, Any],
         attempt: str,
         progress: Progress,
-    ) -> CheckpointRef:
+    ) -> tuple[CheckpointRef, PartRecord | None]:
+        """Write the shard and part record; on rank 0 commit. The part is None when the step was
+        already committed (nothing was written)."""
         whole = as_bytes(buf)
         data = whole[len(layout.header) :]
         directory = step_dir(step)
@@ -421,7 +445,7 @@ class Checkpointer:
             logger.info(
                 "checkpoint step %d is already committed in %s; not rewriting it", step, self.storage.uri
             )
-            return dataclasses.replace(ref, committed=True)
+            return dataclasses.replace(ref, committed=True), None
         written.result()
         part = self._part(step, attempt, name, layout.durable_header, durable, crcs, values)
         self.storage.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
@@ -430,7 +454,41 @@ class Checkpointer:
             self._metrics.last_step.set(step)
             self._purges.append(self._purge.submit(self._retain))
         self._metrics.saves.inc()
-        return ref
+        return ref, part
+
+    def _mirror(
+        self, mirror: Storage, step: int, attempt: str, layout: Layout, buf: torch.Tensor, part: PartRecord
+    ) -> None:
+        """Copy this rank's shard and part record of ``step`` to ``mirror``; rank 0 then commits
+        there with the same protocol. A failure is logged and counted, never raised."""
+        directory = step_dir(step)
+        try:
+            if mirror.exists(f"{directory}/{MANIFEST_NAME}"):
+                return
+            if part.file_name is not None:
+                data = as_bytes(buf)[len(layout.header) :]
+                shard = [memoryview(layout.durable_header), memoryview(data[: layout.durable_bytes])]
+                mirror.write(f"{directory}/{part.file_name}", shard)
+            mirror.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
+            if self.rank == 0:
+                parts = wait_for_parts(
+                    mirror, step, self.world_size, attempt, self.config.commit_timeout_s, self._stop
+                )
+                commit_step(mirror, merge_parts(step, attempt, parts))
+                apply_retention(mirror, self.config.keep_last, self.config.keep_every)
+        except Exception as exc:
+            logger.warning(
+                "copying checkpoint step %d to the mirror %s failed (%s still holds it): %s",
+                step,
+                mirror.uri,
+                self.storage.uri,
+                exc,
+            )
+            self._metrics.mirror_failures.inc()
+            if self.rank != 0:  # so rank 0 does not wait commit_timeout_s for this part
+                record = PartRecord(step, self.rank, self.world_size, attempt, error=str(exc)[:500])
+                with contextlib.suppress(Exception):
+                    mirror.write_atomic(f"{directory}/{part_name(self.rank)}", record.to_json())
 
     def _part(
         self,
@@ -470,13 +528,23 @@ class Checkpointer:
         """Load the newest complete, verified checkpoint into ``state`` in place; its step or None.
 
         Tries the memory tier first (when every rank holds the same newest step), then committed
-        checkpoints newest first, falling back past missing or corrupt files with a warning.
-        Raises ``CheckpointCorrupt`` when checkpoints exist but none loads.
+        checkpoints newest first, each from the first tier that holds it (the checkpoint URI,
+        then the mirrors in order), falling back past missing or corrupt files with a warning:
+        to the same step on the next tier, then to older steps. Raises ``CheckpointCorrupt``
+        when checkpoints exist but none loads.
         """
         self.wait()
         started = time.perf_counter()
-        committed, _ = committed_steps(self.storage)
-        newest = self._reduce(committed[-1] if committed else -1, dist.ReduceOp.MAX)
+        tiers = [("durable", self.storage, committed_steps(self.storage)[0])]
+        for mirror in self.mirrors:
+            try:
+                tiers.append(("mirror", mirror, committed_steps(mirror)[0]))
+            except Exception as exc:  # a mirror that is down must not stop a load from the others
+                logger.warning(
+                    "cannot list the checkpoint mirror %s; loading without it: %s", mirror.uri, exc
+                )
+        own_newest = max((steps[-1] for _, _, steps in tiers if steps), default=-1)
+        newest = self._reduce(own_newest, dist.ReduceOp.MAX)
         mem = self.memory.latest() if self.memory is not None else None
         mem_step = mem[1].step if mem and mem[1].world_size == self.world_size else -1
         lo, hi = self._reduce(mem_step, dist.ReduceOp.MIN), self._reduce(mem_step, dist.ReduceOp.MAX)
@@ -485,17 +553,30 @@ class Checkpointer:
             assert self.memory is not None
             memory = self.memory
             slot, part = mem
-            if self._attempt(lambda: self._memory_source(memory, slot, part), state, problems):
-                self._loaded(lo, "memory", started)
+            if self._attempt(
+                [("memory tier", lambda: self._memory_source(memory, slot, part))], state, problems
+            ):
+                self._loaded(lo, "memory tier", started)
                 return lo
         bound = math.inf
         while True:
-            own = next((s for s in reversed(committed) if s < bound), -1)
+            own = max(
+                (next((s for s in reversed(steps) if s < bound), -1) for _, _, steps in tiers), default=-1
+            )
             step = self._reduce(own, dist.ReduceOp.MIN)
             if step < 0:
                 break
-            if self._attempt(lambda s=step: self._durable_source(s), state, problems):
-                self._loaded(step, "durable", started)
+            makes = [
+                (
+                    f"{name} tier ({storage.uri})",
+                    lambda st=storage, n=name, s=step: self._durable_source(st, n, s),
+                )
+                for name, storage, steps in tiers
+                if step in steps
+            ] or [("durable tier", lambda s=step: self._durable_source(self.storage, "durable", s))]
+            tier = self._attempt(makes, state, problems)
+            if tier is not None:
+                self._loaded(step, tier, started)
                 return step
             bound = step
         if problems:
@@ -517,26 +598,38 @@ class Checkpointer:
             "memory", memory.storage, part, mapped={part.file_name: mapped}, verify=verify
         )
 
-    def _durable_source(self, step: int) -> Source:
+    def _durable_source(self, storage: Storage, tier: str, step: int) -> Source:
         try:
-            raw = self.storage.read(f"{step_dir(step)}/{MANIFEST_NAME}")
+            raw = storage.read(f"{step_dir(step)}/{MANIFEST_NAME}")
         except FileNotFoundError:
             raise CheckpointCorrupt(f"checkpoint step {step} has no manifest on this rank") from None
         try:
             manifest = Manifest.from_json(raw)
         except ValueError as exc:
             raise CheckpointCorrupt(f"the manifest of step {step} is unreadable: {exc}") from None
-        return Source.from_manifest("durable", self.storage, manifest)
+        return Source.from_manifest(tier, storage, manifest)
 
-    def _attempt(self, make: Callable[[], Source], state: dict[str, Any], problems: list[str]) -> bool:
-        status, error = _OK, None
-        try:
-            source = make()
-            load_into(source, state, self.rank)
-        except CheckpointCorrupt as exc:
-            status, error = _CORRUPT, exc
-        except Exception as exc:
-            status, error = _FATAL, exc
+    def _attempt(
+        self, makes: list[tuple[str, Callable[[], Source]]], state: dict[str, Any], problems: list[str]
+    ) -> str | None:
+        """Load one step on every rank, each from the first of its ``makes`` (tier name, source)
+        that loads; the tier this rank loaded from, or None when some rank could not load it."""
+        status: int = _CORRUPT
+        error: BaseException | None = None
+        tier: str | None = None
+        for i, (name, make) in enumerate(makes):
+            try:
+                load_into(make(), state, self.rank)
+            except CheckpointCorrupt as exc:
+                status, error = _CORRUPT, exc
+                if i + 1 < len(makes):
+                    logger.warning("%s; loading the same step from the next tier", exc)
+                continue
+            except Exception as exc:
+                status, error = _FATAL, exc
+                break
+            status, error, tier = _OK, None, name
+            break
         worst = self._reduce(status, dist.ReduceOp.MAX)
         if worst == _FATAL:
             if error is not None and status == _FATAL:
@@ -546,12 +639,12 @@ class Checkpointer:
             why = str(error) if error is not None else "another rank found a corrupt or missing file"
             logger.warning("skipping a checkpoint: %s; falling back to an older one", why)
             problems.append(why)
-            return False
-        return True
+            return None
+        return tier
 
     def _loaded(self, step: int, tier: str, started: float) -> None:
         logger.info(
-            "loaded checkpoint step %d from the %s tier in %.3f s", step, tier, time.perf_counter() - started
+            "loaded checkpoint step %d from the %s in %.3f s", step, tier, time.perf_counter() - started
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -579,9 +672,10 @@ class Checkpointer:
             self.memory.close()
             if drop_memory:
                 remove_job(self.job, self.config.shm_root)
-        close = getattr(self.storage, "close", None)
-        if close is not None:
-            close()
+        for storage in (self.storage, *self.mirrors):
+            close = getattr(storage, "close", None)
+            if close is not None:
+                close()
         atexit.unregister(self._at_exit)
         if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
             with contextlib.suppress(ValueError, TypeError):

@@ -15,6 +15,7 @@ __all__ = ["CheckpointMetrics", "checkpoint_metrics"]
 class CheckpointMetrics:
     saves: Counter
     save_failures: Counter
+    mirror_failures: Counter
     blocking_seconds: Histogram
     last_step: Gauge
 
@@ -35,6 +36,11 @@ def checkpoint_metrics(registry: Any = None) -> CheckpointMetrics:
             save_failures=Counter(
                 "stalwart_checkpoint_save_failures",
                 "Checkpoint saves that failed to persist (training went on).",
+                registry=registry,
+            ),
+            mirror_failures=Counter(
+                "stalwart_checkpoint_mirror_failures",
+                "Copies of a committed checkpoint to a mirror that failed (the checkpoint URI holds it).",
                 registry=registry,
             ),
             blocking_seconds=Histogram(

@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--store", required=True)
     parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--mirror", default=None, help="also keep checkpoints in this mirror")
     args = parser.parse_args()
     dist.init_process_group("gloo", init_method=f"file://{args.store}", rank=args.rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
@@ -85,11 +86,12 @@ def main() -> None:
     if args.mode == "fail-rank1":
         fail_rank1(args.root, args.rank)
         return
-    ck = Checkpointer(args.root, config)
+    ck = Checkpointer(args.root, config, mirrors=[args.mirror] if args.mirror else [])
     if args.mode == "save":
         state = sharded(full["rows"], full["cols"], full["repl"])
         state["step"] = 7
         ck.save(7, state, blocking=True)
+        ck.wait()  # and the mirror's copy
     else:
         state = sharded(torch.zeros(5, 3), torch.zeros(4, 6, dtype=torch.int64), torch.zeros(7))
         step = ck.load_latest(state)
