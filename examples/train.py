@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from stalwart.checkpoint import CheckpointConfig, Checkpointer
+from stalwart.checkpoint import CheckpointConfig, Checkpointer, env_mirrors
 from stalwart.worker import report
 
 IN_DIM, OUT_DIM, BATCH = 32, 8, 64
@@ -44,7 +44,11 @@ IN_DIM, OUT_DIM, BATCH = 32, 8, 64
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--steps", type=int, default=100, help="train until this step (steps count from 1)")
-    p.add_argument("--ckpt-dir", default="", help="checkpoint directory; empty: no checkpoints")
+    p.add_argument(
+        "--ckpt-dir",
+        default=os.environ.get("STALWART_CHECKPOINT_URI", ""),
+        help="checkpoint location (default: the job spec's checkpoint.uri); empty: no checkpoints",
+    )
     p.add_argument("--ckpt-every", type=int, default=10, help="save every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -67,7 +71,7 @@ def save_checkpoint(ckpt_dir: str, state: dict[str, Any]) -> None:
     persists in the background instead.
     """
     config = CheckpointConfig(keep_last=3, memory_tier=False, flush_on_sigterm=False)
-    saver = Checkpointer(ckpt_dir, config, distributed=False)
+    saver = Checkpointer(ckpt_dir, config, distributed=False, mirrors=env_mirrors())
     try:
         saver.save(int(state["step"]), state, blocking=True)
     finally:
@@ -78,7 +82,8 @@ def load_checkpoint(ckpt_dir: str) -> dict[str, Any] | None:
     """The newest complete, verified checkpoint (every rank agrees on it), or None when there is none."""
     if not ckpt_dir:
         return None
-    loader = Checkpointer(ckpt_dir, CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+    loader = Checkpointer(ckpt_dir, config, mirrors=env_mirrors())
     state: dict[str, Any] = {}
     try:
         step = loader.load_latest(state)

@@ -131,3 +131,20 @@ def test_a_failing_mirror_never_fails_the_save(
 def test_a_mirror_at_the_checkpoint_uri_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="repeat a location"):
         Checkpointer(str(tmp_path), _config(), mirrors=[str(tmp_path)])
+
+
+def test_from_env_takes_the_job_specs_uri_and_mirrors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("STALWART_CHECKPOINT_URI", raising=False)
+    with pytest.raises(ConfigError, match="STALWART_CHECKPOINT_URI is not set"):
+        Checkpointer.from_env(_config())
+    monkeypatch.setenv("STALWART_CHECKPOINT_URI", str(tmp_path / "a"))
+    monkeypatch.setenv("STALWART_CHECKPOINT_MIRRORS", f"{tmp_path / 'b'}, {tmp_path / 'c'}")
+    ck = Checkpointer.from_env(_config())
+    assert [m.uri for m in ck.mirrors] == [str(tmp_path / "b"), str(tmp_path / "c")]
+    ck.save(1, {"w": torch.ones(2)})
+    ck.wait()
+    for tier in ("a", "b", "c"):
+        assert committed_steps(PosixStorage(str(tmp_path / tier))) == ([1], []), tier
+    ck.close()

@@ -25,7 +25,7 @@ FULL: dict[str, Any] = {
         {"name": "data", "mount_path": "/data", "host_path": "/mnt/data", "read_only": True},
     ],
     "env": {"NCCL_DEBUG": "INFO"},
-    "checkpoint": {"uri": "s3://bucket/llama-ft"},
+    "checkpoint": {"uri": "/fsx/llama-ft", "mirrors": ["s3://bucket/llama-ft"]},
     "restart": {"max_restarts": 5},
     "health": {
         "hang_timeout_s": 300,

@@ -91,7 +91,8 @@ def test_every_pod_runs_stalwart_run_with_the_flavours_rendezvous(
     # the script and its arguments come last, verbatim: no shell ever parses them
     assert args[-5:] == ["/workspace/examples/train.py", "--lr", "3e-4", "--name", "a b; rm -rf /"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["STALWART_CHECKPOINT_URI"] == "s3://bucket/llama-ft"
+    assert env["STALWART_CHECKPOINT_URI"] == "/fsx/llama-ft"
+    assert env["STALWART_CHECKPOINT_MIRRORS"] == "s3://bucket/llama-ft"
     assert env["NCCL_DEBUG"] == "INFO"
     rules = [json.loads(v) for k, v in pairs if k == "--log-rule"]
     assert rules[1] == {

@@ -69,6 +69,9 @@ def test_init_writes_a_file_that_validates_and_documents_every_field(tmp_path: P
             "not available",
         ),
         ({"kubernetes": {"flavour": "slurm"}}, "kubernetes.flavour", "must be one of"),
+        ({"checkpoint": {"mirrors": ["s3://b/run"]}}, "checkpoint", "mirrors need a uri"),
+        ({"checkpoint": {"uri": "/ck", "mirrors": ["/ck"]}}, "checkpoint", "repeat a location"),
+        ({"checkpoint": {"uri": "/ck", "mirrors": ["s3://b/a,b"]}}, "checkpoint", "without commas"),
         ({"resources": {"memory": "12 GB"}}, "resources.memory", "quantity"),
     ],
 )

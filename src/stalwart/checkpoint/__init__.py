@@ -6,7 +6,7 @@ ones. See ``api`` for the on-storage layout.
 """
 
 from stalwart.checkpoint.api import RANK_STATE_KEY, CheckpointRef, Manifest, Storage
-from stalwart.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+from stalwart.checkpoint.checkpointer import CheckpointConfig, Checkpointer, env_mirrors
 from stalwart.checkpoint.retention import committed_steps
 from stalwart.checkpoint.storage import open_storage
 
@@ -18,5 +18,6 @@ __all__ = [
     "Manifest",
     "Storage",
     "committed_steps",
+    "env_mirrors",
     "open_storage",
 ]

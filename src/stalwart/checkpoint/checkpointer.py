@@ -67,8 +67,9 @@ from stalwart.checkpoint.retention import apply_retention, committed_steps
 from stalwart.checkpoint.storage import open_storage
 from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
 from stalwart.worker import busy
+from stalwart.worker.api import ENV_CHECKPOINT_MIRRORS, ENV_CHECKPOINT_URI
 
-__all__ = ["CheckpointConfig", "Checkpointer"]
+__all__ = ["CheckpointConfig", "Checkpointer", "env_mirrors"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,20 @@ class Checkpointer:
         atexit.register(self._at_exit)
         if self.config.flush_on_sigterm and threading.current_thread() is threading.main_thread():
             self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    @classmethod
+    def from_env(cls, config: CheckpointConfig | None = None, **kwargs: Any) -> Checkpointer:
+        """The job's ``Checkpointer``: the URI and mirrors ``stalwart job`` gives workers from its
+        spec's ``checkpoint`` section (``STALWART_CHECKPOINT_URI``, ``STALWART_CHECKPOINT_MIRRORS``).
+        ``kwargs`` go to the constructor (``mirrors=`` there replaces the environment's)."""
+        uri = os.environ.get(ENV_CHECKPOINT_URI, "")
+        if not uri:
+            raise ConfigError(
+                f"{ENV_CHECKPOINT_URI} is not set: set checkpoint.uri in the job spec, or construct "
+                "Checkpointer(uri) yourself"
+            )
+        kwargs.setdefault("mirrors", env_mirrors())
+        return cls(uri, config, **kwargs)
 
     # -- collectives (main thread only) --------------------------------------------------------
     def _device(self) -> torch.device:
@@ -696,6 +711,11 @@ class Checkpointer:
         elif previous != signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def env_mirrors() -> list[str]:
+    """The mirrors named by ``STALWART_CHECKPOINT_MIRRORS`` (comma-separated; empty when unset)."""
+    return [m.strip() for m in os.environ.get(ENV_CHECKPOINT_MIRRORS, "").split(",") if m.strip()]
 
 
 def _plain_cpu(t: torch.Tensor) -> bool:

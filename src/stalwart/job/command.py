@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from stalwart.job.spec import JobSpec, LogRule
+from stalwart.worker.api import ENV_CHECKPOINT_MIRRORS, ENV_CHECKPOINT_URI
 
 __all__ = [
     "ENV_LAUNCHER",
@@ -117,12 +118,15 @@ def run_args(
 def job_env(spec: JobSpec) -> dict[str, str]:
     """Environment for every node: the user's ``env`` plus what stalwart derives from the spec.
 
-    The checkpoint URI travels as ``STALWART_CHECKPOINT_URI`` for the training script to read; the
-    user's own ``env`` wins on a clash.
+    The checkpoint URI and mirrors travel as ``STALWART_CHECKPOINT_URI`` and
+    ``STALWART_CHECKPOINT_MIRRORS`` (``Checkpointer.from_env`` reads them); the user's own ``env``
+    wins on a clash.
     """
     env: dict[str, str] = {"PYTHONUNBUFFERED": "1", "STALWART_JOB": spec.name}
     if spec.checkpoint.uri:
-        env["STALWART_CHECKPOINT_URI"] = spec.checkpoint.uri
+        env[ENV_CHECKPOINT_URI] = spec.checkpoint.uri
+    if spec.checkpoint.mirrors:
+        env[ENV_CHECKPOINT_MIRRORS] = ",".join(spec.checkpoint.mirrors)
     if spec.fault:
         env["STALWART_FAULT"] = spec.fault
     env.update(spec.env)

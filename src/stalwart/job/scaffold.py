@@ -49,6 +49,7 @@ env: {{}}                       # e.g. {{NCCL_DEBUG: INFO}}
 
 checkpoint:
   uri: null                    # a path, file://, s3://bucket/prefix, or a path on an FSx mount
+  mirrors: []                  # further tiers with a copy of every checkpoint, e.g. [s3://bucket/run]
 
 restart:
   max_restarts: 3              # the job-wide restart budget

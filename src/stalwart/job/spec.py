@@ -141,9 +141,23 @@ class Volume(_Model):
 
 
 class Checkpoint(_Model):
-    """Where workers save and resume: a local path, ``file://``, ``s3://`` or an FSx mount path."""
+    """Where workers save and resume: a local path, ``file://``, ``s3://`` or an FSx mount path,
+    and further tiers that keep a copy of every checkpoint (``mirrors``, e.g. an S3 prefix)."""
 
     uri: str | None = None
+    mirrors: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _mirrors(self) -> Checkpoint:
+        if self.mirrors and not self.uri:
+            raise ValueError("mirrors need a uri: set checkpoint.uri to the first (fastest) tier")
+        for m in self.mirrors:
+            if not m or "," in m:
+                raise ValueError(f"mirror {m!r} must be a non-empty location without commas")
+        where = [self.uri, *self.mirrors]
+        if len(set(where)) != len(where):
+            raise ValueError(f"checkpoint.uri and mirrors repeat a location: {where}")
+        return self
 
 
 class Restart(_Model):

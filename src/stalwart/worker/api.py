@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
+    "ENV_CHECKPOINT_MIRRORS",
+    "ENV_CHECKPOINT_URI",
     "ENV_FAULT",
     "ENV_FAULT_MARKER_DIR",
     "ENV_GENERATION",
@@ -35,6 +37,12 @@ ENV_FAULT = "STALWART_FAULT"
 
 ENV_FAULT_MARKER_DIR = "STALWART_FAULT_MARKER_DIR"
 """Directory where fired faults leave a marker so that each fires once per job."""
+
+ENV_CHECKPOINT_URI = "STALWART_CHECKPOINT_URI"
+"""The job's checkpoint location (a job spec's ``checkpoint.uri``); see ``Checkpointer.from_env``."""
+
+ENV_CHECKPOINT_MIRRORS = "STALWART_CHECKPOINT_MIRRORS"
+"""Comma-separated mirror locations of the job's checkpoints (``checkpoint.mirrors``)."""
 
 
 @dataclass(frozen=True, slots=True)
