@@ -117,3 +117,51 @@ def test_a_node_supervisor_records_a_command_that_cannot_start(tmp_path: Path) -
     assert json.loads((node / "exit.json").read_text())["returncode"] == 127
     state = {"name": "node-0", "pid": pid}
     assert LocalBackend._job_state([LocalBackend(tmp_path)._node_status(tmp_path, state)]).value == "failed"
+
+
+@pytest.mark.parametrize(
+    ("exits", "replacements", "final", "replaced"),
+    [
+        ([75, 0], 2, 0, 1),  # replaced once, then the job finished
+        ([76, 75, 75], 2, 75, 2),  # the backoff limit is reached
+        ([3], 2, 3, 0),  # a user error is never retried by the orchestrator
+    ],
+)
+def test_a_node_that_hands_itself_over_is_replaced_up_to_the_limit(
+    tmp_path: Path, exits: list[int], replacements: int, final: int, replaced: int
+) -> None:
+    """The local stand-in for Kubernetes replacing a pod that exited 75/76 (up to backoffLimit)."""
+    node = tmp_path / "node-0"
+    node.mkdir()
+    runs = tmp_path / "runs"
+    child = (
+        "import os, sys; p = sys.argv[1]; n = len(open(p).read()) if os.path.exists(p) else 0;"
+        "open(p, 'a').write('x'); sys.exit([int(c) for c in sys.argv[2].split(',')][n])"
+    )
+    argv = [sys.executable, "-c", child, str(runs), ",".join(map(str, exits))]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stalwart.job.node",
+            "--replacements",
+            str(replacements),
+            str(node),
+            "--",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stderr
+    pid = int((node / "pid").read_text())
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout=20)
+    except psutil.NoSuchProcess:
+        pass
+    record = json.loads((node / "exit.json").read_text())
+    assert (record["returncode"], record["replacements"]) == (final, replaced)
+    assert runs.read_text() == "x" * (replaced + 1)

@@ -6,7 +6,9 @@ Every cycle must recover: generation k trains past the step where generation k-1
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +151,45 @@ def test_a_relaunched_node_rejoins_and_agrees_on_the_generation(
     assert last0 == last1 and last0[1] == 30 and last0[0] >= 1
     gens_b2 = [e["generation"] for e in stalwart.events() if e["node"] == "b" and e["event"] == "rendezvous"]
     assert gens_b2[-1] == last1[0]  # the new agent took the job-wide generation, not 0
+
+
+def _agent_on(stalwart: StalwartRunner, port: int, run_id: str, node: str, host: int, *extra: str) -> Any:
+    return stalwart.start(
+        "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id, "--max-restarts", "2",
+        "--rdzv-conf", f"is_host={host},keep_alive_interval=1,keep_alive_max_attempt=2",
+        "--node-name", node, "--status-port", "0", *extra,
+    )  # fmt: skip
+
+
+def test_a_node_that_asks_to_be_replaced_leaves_the_rendezvous_open_for_its_replacement(
+    stalwart: StalwartRunner, free_port: Any
+) -> None:
+    """Exit 75 hands the node to the orchestrator; the other node must wait for the replacement
+    (closing the rendezvous would end it with exit 1, which fails a Kubernetes job at once)."""
+    port = free_port()
+    rule = json.dumps(
+        {"name": "sick-gpu", "logPattern": "step 3 loss", "faultOnMatch": True, "action": "replace_node"}
+    )
+    work = stalwart.tiny_args(12, "--step-time", "0.05")
+    a = _agent_on(stalwart, port, "replace", "a", 1, *work)
+    b = _agent_on(stalwart, port, "replace", "b", 0, "--log-rule", rule, *work)
+    out_b = b.communicate(timeout=200)[0]
+    assert b.returncode == 75, out_b[-3000:]
+    b2 = _agent_on(stalwart, port, "replace", "b", 0, *work)  # the orchestrator's replacement
+    outs = [p.communicate(timeout=200)[0] for p in (a, b2)]
+    assert [a.returncode, b2.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 12
+
+
+def test_a_user_error_on_one_node_ends_the_job_with_the_same_code_on_every_node(
+    stalwart: StalwartRunner, free_port: Any, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("import stalwart_no_such_module_xyz\n")
+    port = free_port()
+    a = _agent_on(stalwart, port, "usererr", "a", 1, *stalwart.tiny_args(50, "--step-time", "0.05"))
+    b = _agent_on(stalwart, port, "usererr", "b", 0, "--no-standby", str(broken))
+    outs = [p.communicate(timeout=200)[0] for p in (a, b)]
+    assert [a.returncode, b.returncode] == [3, 3], "\n=====\n".join(o[-3000:] for o in outs)
+    assert "node b ended the job" in outs[0] and "user error" in outs[0]

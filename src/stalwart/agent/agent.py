@@ -108,7 +108,7 @@ class StalwartAgent(SimpleElasticAgent):
             except RendezvousGracefulExitError as exc:
                 self._exit_reason = f"rendezvous exited gracefully: {exc}"
             except RendezvousClosedError:
-                self._set_exit(policy.EXIT_FAILED, "the rendezvous was closed by another node (job ended)")
+                self._set_exit(*self._ended_elsewhere())
             except RendezvousError as exc:
                 self._set_exit(policy.EXIT_FAILED, f"rendezvous failed: {type(exc).__name__}: {exc}")
             except ScriptFailed as exc:
@@ -187,6 +187,35 @@ class StalwartAgent(SimpleElasticAgent):
     def _set_exit(self, code: int, reason: str) -> None:
         self._exit_code, self._exit_reason = code, reason
 
+    def _record_end(self) -> None:
+        """Tell the other nodes why this node ends the job, so they exit with the same code."""
+        try:
+            self._jobstore.record_end(self._exit_code, self._exit_reason, self.cfg.node)
+        except Exception as exc:  # before the first rendezvous, or the store is gone
+            logger.debug("could not record the end of the job: %s", exc)
+
+    def _recorded_end(self) -> tuple[int, str] | None:
+        """(exit code, reason) that the node which ended the job recorded, if it could."""
+        try:
+            ended = self._jobstore.ended()
+        except Exception:  # the store went with the node that hosted it
+            return None
+        if ended is None:
+            return None
+        code, reason, node = ended
+        return code, f"node {node} ended the job: {reason}"
+
+    def _ended_elsewhere(self) -> tuple[int, str]:
+        """Exit code and reason after another node closed the rendezvous: that node's, if known."""
+        return self._recorded_end() or (
+            policy.EXIT_FAILED,
+            "the rendezvous was closed by another node (job ended)",
+        )
+
+    def _ended_by_another_node(self, wg: WorkerGroup) -> tuple[int, str] | None:
+        """(exit code, reason) when another node closed the rendezvous, recording a failure."""
+        return self._recorded_end() if wg.spec.rdzv_handler.is_closed() else None
+
     # -- the loop -----------------------------------------------------------------------------
 
     def _invoke_run(self, role: str = DEFAULT_ROLE) -> RunResult:
@@ -218,6 +247,12 @@ class StalwartAgent(SimpleElasticAgent):
                 self._restart(*decision)
             elif wg.spec.rdzv_handler.num_nodes_waiting() > 0:
                 self._restart(None, Decision(Verdict.RESTART, "another node is re-rendezvousing"))
+            elif (ended := self._ended_by_another_node(wg)) is not None:
+                # while these workers run, or wait for peers that will not come
+                self._stop_workers(wg)
+                self._set_state(AgentState.FAILED)
+                self._set_exit(*ended)
+                return result
 
     def _decide(self, faults: list[Fault], now: float) -> tuple[Fault, Decision] | None:
         """The strongest decision over ``faults`` (exit > restart > continue), each recorded."""
@@ -467,7 +502,13 @@ class StalwartAgent(SimpleElasticAgent):
             raise
         finally:
             self._shutdown()
+            if self._exit_code in policy.HAND_OVER_CODES:
+                # This node asks to be replaced: the others wait in the rendezvous for the
+                # replacement instead of ending the job (closing it would fail them all).
+                shutdown_rdzv = False
             if shutdown_rdzv:
+                if self._exit_code != policy.EXIT_OK:
+                    self._record_end()
                 self._worker_group.spec.rdzv_handler.shutdown()
 
     # -- worker callbacks (other threads) ------------------------------------------------------

@@ -13,6 +13,7 @@ Here instead:
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 
@@ -118,6 +119,19 @@ class JobStore:
         round_store.wait([key], self._timeout)
         host, _, port = round_store.get(key).decode().rpartition(":")
         return host, int(port)
+
+    def record_end(self, code: int, reason: str, node: str) -> None:
+        """Before this node closes the rendezvous: why the job ends, for the other nodes (the
+        first record wins)."""
+        if self.base.add(self._key("end_claim"), 1) == 1:
+            self.base.set(self._key("end"), json.dumps({"code": code, "reason": reason, "node": node}))
+
+    def ended(self) -> tuple[int, str, str] | None:
+        """(exit code, reason, node) of the node that ended the job, if it recorded one."""
+        if self.base.add(self._key("end_claim"), 0) == 0:
+            return None
+        raw = json.loads(self.base.get(self._key("end")))
+        return int(raw["code"]), str(raw["reason"]), str(raw["node"])
 
     def close_worker_store(self) -> None:
         # Dropping the last reference stops the TCPStore server.

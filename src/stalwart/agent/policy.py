@@ -34,6 +34,7 @@ __all__ = [
     "EXIT_SCRIPT_FAILED",
     "EXIT_USAGE",
     "EXIT_USER_ERROR",
+    "HAND_OVER_CODES",
     "LADDER",
     "AgentState",
     "Budget",
@@ -53,6 +54,9 @@ EXIT_SCRIPT_FAILED = 4
 EXIT_REPLACE_NODE = 75
 EXIT_BUDGET_SPENT = 76
 """The job-wide restart budget is spent: the ladder's last rung hands the pod to the orchestrator."""
+
+HAND_OVER_CODES = frozenset({EXIT_REPLACE_NODE, EXIT_BUDGET_SPENT})
+"""Exits that hand the node to the orchestrator: the rendezvous stays open for its replacement."""
 
 
 class AgentState(StrEnum):

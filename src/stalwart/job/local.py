@@ -269,7 +269,8 @@ class LocalBackend:
             torchrun=plain_torchrun(),
         )
         node_env = dict(env, STALWART_NODE=name)
-        argv = [sys.executable, "-m", "stalwart.job.node", str(ndir), "--", *agent]
+        replacements = ["--replacements", str(spec.restart.max_restarts)]  # Kubernetes: backoffLimit
+        argv = [sys.executable, "-m", "stalwart.job.node", *replacements, str(ndir), "--", *agent]
         with (ndir / "out.log").open("ab") as out:
             proc = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=node_env,

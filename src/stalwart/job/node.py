@@ -1,8 +1,10 @@
-"""One local node, detached: ``python -m stalwart.job.node NODE_DIR -- ARGV...``.
+"""One local node, detached: ``python -m stalwart.job.node [--replacements N] NODE_DIR -- ARGV...``.
 
 The process daemonizes (fork, ``setsid``) so the node outlives the CLI that started it and is
 never left a zombie of it, writes ``pid`` into NODE_DIR, runs ARGV (the agent) as its child,
-forwards SIGTERM/SIGINT/SIGHUP to it, and on exit writes ``exit.json`` with the return code. The
+forwards SIGTERM/SIGINT/SIGHUP to it, starts it again when it hands the node over (up to
+``--replacements`` times, like a pod replaced by Kubernetes), and on exit writes ``exit.json``
+with the return code. The
 local backend reads those two files; it never has to be the parent. Only the standard library
 is imported here, so a node costs no torch import before its agent starts.
 """
@@ -29,36 +31,62 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _supervise(node_dir: str, argv: list[str]) -> int:
+# ``stalwart run`` exits with these when the node should be replaced (see stalwart.agent.policy;
+# not imported: this module stays standard-library only)
+_HAND_OVER = {75: "a monitor asks to replace this node", 76: "the restart budget is spent"}
+
+
+def _run_child(argv: list[str]) -> int:
     try:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     except OSError as exc:
         print(f"stalwart: cannot start {argv[0]!r}: {exc}", file=sys.stderr, flush=True)
-        rc = 127
-    else:
+        return 127
 
-        def forward(signum: int, _frame: object) -> None:
-            try:
-                child.send_signal(signum)
-            except ProcessLookupError:
-                pass
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, forward)
-        while True:
-            try:
-                rc = child.wait()
-                break
-            except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
-                continue
-    record = {"returncode": rc, "finished_at": time.time()}
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            return child.wait()
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for safety
+            continue
+
+
+def _supervise(node_dir: str, argv: list[str], replacements: int = 0) -> int:
+    """Run the agent; when it hands the node over (exit 75/76), start a replacement, up to
+    ``replacements`` times: what Kubernetes does with the job's pods up to its backoff limit."""
+    replaced = 0
+    while True:
+        rc = _run_child(argv)
+        if rc not in _HAND_OVER or replaced >= replacements:
+            break
+        replaced += 1
+        print(
+            f"stalwart: the node's agent exited {rc} ({_HAND_OVER[rc]}): starting a replacement "
+            f"({replaced} of {replacements})",
+            file=sys.stderr,
+            flush=True,
+        )
+    record = {"returncode": rc, "finished_at": time.time(), "replacements": replaced}
     _write_atomic(os.path.join(node_dir, EXIT_FILE), json.dumps(record))
     return 0 if rc == 0 else 1
 
 
 def main(argv: list[str]) -> int:
+    replacements = 0
+    if len(argv) >= 2 and argv[0] == "--replacements":
+        if not argv[1].isdigit():
+            print("--replacements takes a whole number", file=sys.stderr)
+            return 2
+        replacements, argv = int(argv[1]), argv[2:]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m stalwart.job.node NODE_DIR -- ARGV...", file=sys.stderr)
+        print("usage: python -m stalwart.job.node [--replacements N] NODE_DIR -- ARGV...", file=sys.stderr)
         return 2
     node_dir, command = argv[0], argv[2:]
     pid = os.fork()
@@ -69,7 +97,7 @@ def main(argv: list[str]) -> int:
     os.setsid()
     code = 1
     try:
-        code = _supervise(node_dir, command)
+        code = _supervise(node_dir, command, replacements)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
