@@ -500,6 +500,9 @@ class StalwartAgent(SimpleElasticAgent):
             self._say(f"received {signal.Signals(exc.sigval).name}: stopping workers")
             self._stop_workers(self._worker_group, exc.sigval, self.cfg.shutdown_timeout)
             raise
+        except ScriptFailed as exc:
+            self._set_exit(exc.exit_code, str(exc))  # before the rendezvous closes: recorded below
+            raise
         finally:
             self._shutdown()
             if self._exit_code in policy.HAND_OVER_CODES:
