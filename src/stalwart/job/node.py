@@ -34,6 +34,7 @@ def _write_atomic(path: str, text: str) -> None:
 # ``stalwart run`` exits with these when the node should be replaced (see stalwart.agent.policy;
 # not imported: this module stays standard-library only)
 _HAND_OVER = {75: "a monitor asks to replace this node", 76: "the restart budget is spent"}
+_stopping: list[int] = []  # signals received: a node being stopped is not replaced
 
 
 def _run_child(argv: list[str]) -> int:
@@ -44,6 +45,7 @@ def _run_child(argv: list[str]) -> int:
         return 127
 
     def forward(signum: int, _frame: object) -> None:
+        _stopping.append(signum)
         try:
             child.send_signal(signum)
         except ProcessLookupError:
@@ -64,7 +66,7 @@ def _supervise(node_dir: str, argv: list[str], replacements: int = 0) -> int:
     replaced = 0
     while True:
         rc = _run_child(argv)
-        if rc not in _HAND_OVER or replaced >= replacements:
+        if rc not in _HAND_OVER or replaced >= replacements or _stopping:
             break
         replaced += 1
         print(
