@@ -4,9 +4,9 @@ The process daemonizes (fork, ``setsid``) so the node outlives the CLI that star
 never left a zombie of it, writes ``pid`` into NODE_DIR, runs ARGV (the agent) as its child,
 forwards SIGTERM/SIGINT/SIGHUP to it, starts it again when it hands the node over (up to
 ``--replacements`` times, like a pod replaced by Kubernetes), and on exit writes ``exit.json``
-with the return code. The
-local backend reads those two files; it never has to be the parent. Only the standard library
-is imported here, so a node costs no torch import before its agent starts.
+with the return code. The local backend reads those two files; it never has to be the parent.
+Only the standard library is imported here, so a node costs no torch import before its agent
+starts.
 """
 
 from __future__ import annotations
