@@ -7,6 +7,7 @@ are put in by the tests where a controller would have made them.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -78,6 +79,23 @@ def emulator() -> Iterator[Emulator]:
         yield emu
     finally:
         emu.stop()
+
+
+def _incident(node: str) -> list[dict[str, Any]]:
+    """One node's events of a crash on pod 1 and the recovery into generation 1."""
+    t = 1000.0
+    fault = {"kind": "worker_exit", "rank": 8, "message": "exit code 1", "observed_at": t}
+    out = []
+    if node.endswith("1"):
+        out.append(
+            {"time": t, "node": node, "event": "fault", "generation": 0, "fault": fault, "verdict": "restart"}
+        )
+    for dt, kind, gen in [
+        (0.01, "restart", 0), (0.05, "workers_stopped", 0), (0.07, "rendezvous", 1),
+        (0.08, "workers_started", 1), (0.2, "first_step", 1),
+    ]:  # fmt: skip
+        out.append({"time": t + dt, "node": node, "event": kind, "generation": gen, "reason": "worker_exit"})
+    return out
 
 
 def _spec(full_spec: dict[str, Any], flavour: str) -> dict[str, Any]:
@@ -174,6 +192,9 @@ def test_status_describe_and_logs_follow_what_the_cluster_reports(
         }
         client.CoreV1Api(api).create_namespaced_pod(NS, pod)
         text = f"[stalwart llama-ft-pod-{i}] agent up\n[llama-ft-pod-{i}/{8 * i}] step 1 loss 0.5\n"
+        text += "".join(
+            f"[stalwart llama-ft-pod-{i}] event {json.dumps(e)}\n" for e in _incident(f"llama-ft-pod-{i}")
+        )
         emulator.react(
             f"get /api/v1/namespaces/{NS}/pods/llama-ft-pod-{i}/log",
             kmock.headers({"Content-Type": "text/plain"}),
@@ -184,8 +205,16 @@ def test_status_describe_and_logs_follow_what_the_cluster_reports(
     d = job.describe()
     assert [n.name for n in d.node_states] == ["llama-ft-pod-0", "llama-ft-pod-1"]
     assert d.node_states[1].detail == "Running, 1 container restarts"
+    # the agents' recovery events, read back from the pods' logs (stalwart run --log-events)
+    assert "incident -> generation 1" in d.timeline and "llama-ft-pod-1" in d.timeline
+    assert [h["node"] for h in d.history if "node" in h] == ["llama-ft-pod-0", "llama-ft-pod-1"]
+    assert len(d.incidents) == 1 and {e["node"] for e in d.incidents[0]} == {
+        "llama-ft-pod-0",
+        "llama-ft-pod-1",
+    }
     rendered = [line.render() for line in job.logs()]
-    assert rendered == [
+    assert sum("] event {" in r for r in rendered) == 11  # the agents' event lines are output too
+    assert [r for r in rendered if "] event {" not in r] == [
         "[llama-ft-pod-0 agent] [stalwart llama-ft-pod-0] agent up",
         "[llama-ft-pod-0 rank0] step 1 loss 0.5",
         "[llama-ft-pod-1 agent] [stalwart llama-ft-pod-1] agent up",
@@ -193,7 +222,7 @@ def test_status_describe_and_logs_follow_what_the_cluster_reports(
     ]
     followed = sorted(line.render() for line in job.logs(follow=True, rank=8))
     assert followed == ["[llama-ft-pod-1 rank8] step 1 loss 0.5"]
-    assert [line.node for line in job.logs(node="1")] == ["llama-ft-pod-1"] * 2
+    assert [line.node for line in job.logs(node="1")] == ["llama-ft-pod-1"] * 8
 
 
 def test_an_unreachable_cluster_is_a_clear_error(full_spec: dict[str, Any]) -> None:

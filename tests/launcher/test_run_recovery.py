@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from stalwart.agent.policy import EXIT_BUDGET_SPENT
+from stalwart.agent.timeline import parse_event_line
 
 STALWART = [sys.executable, "-m", "stalwart.cli"]
 StalwartRunner = Any  # the ``stalwart`` fixture's type (tests/conftest.py)
@@ -37,10 +38,14 @@ def test_a_crashed_worker_is_restarted_and_training_continues_from_the_checkpoin
         f"sh -c 'echo pre $STALWART_GENERATION >> {marks}'",
         "--post-train-script",
         f"sh -c 'echo post >> {marks}'",
+        "--log-events",
         *stalwart.tiny_args(8),
     )
     out = _finish(p)
     assert p.returncode == 0, out
+    # --log-events: every event of the events file is on the output too (pods lose the file)
+    echoed = [e for e in map(parse_event_line, out.splitlines()) if e is not None]
+    assert echoed and echoed == [e for e in stalwart.events() if e["node"] == "n0"]
     rank1 = stalwart.progress_of(1)
     assert [s for g, s in rank1 if g == 0] == [1, 2, 3]  # killed inside report(4)
     assert [s for g, s in rank1 if g == 1] == [5, 6, 7, 8]  # resumed from the step-4 checkpoint

@@ -67,7 +67,7 @@ class StalwartAgent(SimpleElasticAgent):
         self.cfg = config
         self.registry = CollectorRegistry()
         self.metrics = AgentMetrics(self.registry)
-        self.timeline = Timeline(config.log_dir, config.node)
+        self.timeline = Timeline(config.log_dir, config.node, echo=self._say if config.log_events else None)
         self._jobstore = JobStore(config.run_id)
         self._launcher = make_launcher(config.standby, config.standby_preload, config.worker_env)
         self._lock = threading.Lock()

@@ -79,6 +79,9 @@ class AgentConfig:
     signals: tuple[int, ...] = (15, 2)
     """Signals the agent forwards to the workers before exiting (default SIGTERM, SIGINT)."""
     monitors: Sequence[Monitor] = ()
+    log_events: bool = False
+    """Also print each timeline event on the agent's output (``[stalwart NODE] event {...}``), for
+    nodes whose log directory does not outlive them (Kubernetes pods)."""
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +40,11 @@ _PHASES = ("detect", "stop", "rendezvous", "spawn", "first_step")
 class Timeline:
     """Appends events for one node to ``<log_dir>/events-<node>.jsonl`` (thread-safe)."""
 
-    def __init__(self, log_dir: str, node: str, clock: Any = time.time) -> None:
+    def __init__(
+        self, log_dir: str, node: str, clock: Any = time.time, echo: Callable[[str], None] | None = None
+    ) -> None:
         self.node = node
+        self._echo = echo  # also hands each event's JSON line here (the agent prints it)
         self.path = os.path.join(log_dir, f"events-{node}.jsonl")
         self._clock = clock
         self._lock = threading.Lock()
@@ -58,6 +61,8 @@ class Timeline:
             if not self._file.closed:
                 self._file.write(line + "\n")
                 self._file.flush()
+        if self._echo is not None:
+            self._echo(EVENT_TAG + line)
         return record
 
     def snapshot(self) -> list[dict[str, Any]]:
@@ -68,6 +73,24 @@ class Timeline:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+EVENT_TAG = "event "
+"""Starts an agent output line that carries one event (``stalwart run --log-events``)."""
+
+
+def parse_event_line(text: str) -> dict[str, Any] | None:
+    """The event in an agent output line ``[stalwart NODE] event {...}``, else None."""
+    if not text.startswith("[stalwart "):
+        return None
+    _, sep, rest = text.partition("] ")
+    if not sep or not rest.startswith(EVENT_TAG):
+        return None
+    try:
+        rec = json.loads(rest[len(EVENT_TAG) :])
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "time" in rec and "event" in rec else None
 
 
 def load_events(log_dir: str) -> list[dict[str, Any]]:
@@ -163,6 +186,33 @@ def _describe(ev: dict[str, Any]) -> str:
     fault = ev.get("fault") or {}
     where = f" rank {fault['rank']}" if fault.get("rank") is not None else ""
     return f"{fault.get('kind', '?')}{where} on {ev.get('node')}: {fault.get('message', '')}".strip()
+
+
+def describe_events(
+    events: list[dict[str, Any]], last: int = 3
+) -> tuple[tuple[dict[str, Any], ...], tuple[tuple[dict[str, Any], ...], ...], str]:
+    """What ``stalwart job describe`` shows of a job's events (sorted by time): one record per
+    restart, the events of the ``last`` incidents, and their phase table ("" when none)."""
+    history = tuple(
+        {k: e.get(k) for k in ("time", "node", "generation", "reason", "from_generation") if k in e}
+        for e in events
+        if e.get("event") == "restart"
+    )
+    summary = summarize(events)[-last:]
+    incidents = []
+    for inc in summary:
+        end = (inc.recovered_at if inc.recovered_at is not None else float("inf")) + 0.001
+        incidents.append(
+            tuple(
+                e
+                for e in events
+                if inc.start - 0.001 <= e["time"] <= end
+                and int(e.get("generation", 0)) in (inc.generation - 1, inc.generation)
+                and e.get("event") not in ("budget",)
+                and not (e.get("event") == "first_step" and int(e.get("generation", 0)) < inc.generation)
+            )
+        )
+    return history, tuple(incidents), format_incidents(summary) if summary else ""
 
 
 def format_incidents(incidents: list[Incident]) -> str:

@@ -83,10 +83,13 @@ def run_args(
     log_dir: str | None = None,
     node_name: str | None = None,
     torchrun: bool = False,
+    log_events: bool = False,
 ) -> list[str]:
     """The flags after ``stalwart run``, then the script and its arguments.
 
     ``torchrun=True`` leaves out the flags plain torchrun does not know (health, node name).
+    ``log_events=True`` makes the agents print their recovery events (pods: the log directory
+    goes with the pod, the output stays readable through the API).
     """
     args = [
         "--nnodes",
@@ -112,6 +115,8 @@ def run_args(
         args += ["--log-dir", log_dir]
     if not torchrun:
         args += _stalwart_flags(spec, node_name)
+        if log_events:
+            args.append("--log-events")
     return [*args, spec.script, *spec.args]
 
 

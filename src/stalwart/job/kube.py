@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from stalwart.agent.timeline import describe_events, parse_event_line
 from stalwart.errors import JobError, JobSubmitError
 from stalwart.job.api import (
     JobDescription,
@@ -338,13 +339,32 @@ class KubernetesBackend:
             history.append(
                 {k: cond.get(k) for k in ("type", "status", "reason", "message", "lastTransitionTime")}
             )
+        restarts, incidents, timeline = describe_events(self._agent_events(name))
         return JobDescription(
             status=status,
             node_states=tuple(nodes),
-            history=tuple(history),
+            history=(*history, *restarts),
+            incidents=incidents,
             where=f"{self._host} namespace {self.namespace} {obj.get('kind')}/{name}",
             spec=obj.get("spec") or {},
+            timeline=timeline,
         )
+
+    def _agent_events(self, name: str) -> list[dict[str, Any]]:
+        """The recovery events the pods' agents printed (``stalwart run --log-events``), by time.
+        Best effort: a pod whose log cannot be read (not started, gone) adds none."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        core = client.CoreV1Api(self.api)
+        events = []
+        for pod in self._pods(name):
+            try:
+                text = core.read_namespaced_pod_log(pod["metadata"]["name"], self.namespace)
+            except (ApiException, OSError):
+                continue
+            events += [e for e in map(parse_event_line, str(text).splitlines()) if e is not None]
+        return sorted(events, key=lambda e: float(e["time"]))
 
     def events(self, name: str) -> list[dict[str, Any]]:
         from kubernetes import client

@@ -328,38 +328,20 @@ class LocalBackend:
         return self._status(name)[0]
 
     def describe(self, name: str) -> JobDescription:
-        from stalwart.agent.timeline import format_incidents, summarize
+        from stalwart.agent.timeline import describe_events
 
         status, nodes, events = self._status(name)
         job_dir = self._dir(name)
-        history = tuple(
-            {k: e.get(k) for k in ("time", "node", "generation", "reason", "from_generation") if k in e}
-            for e in events
-            if e.get("event") == "restart"
-        )
-        incidents = []
-        summary = summarize(events)[-3:]
-        for inc in summary:
-            end = (inc.recovered_at if inc.recovered_at is not None else float("inf")) + 0.001
-            incidents.append(
-                tuple(
-                    e
-                    for e in events
-                    if inc.start - 0.001 <= e["time"] <= end
-                    and int(e.get("generation", 0)) in (inc.generation - 1, inc.generation)
-                    and e.get("event") not in ("budget",)
-                    and not (e.get("event") == "first_step" and int(e.get("generation", 0)) < inc.generation)
-                )
-            )
+        history, incidents, timeline = describe_events(events)
         spec = yaml.safe_load((job_dir / "job.yaml").read_text())
         return JobDescription(
             status=status,
             node_states=tuple(nodes),
             history=history,
-            incidents=tuple(incidents),
+            incidents=incidents,
             where=str(job_dir),
             spec=spec,
-            timeline=format_incidents(summary) if summary else "",
+            timeline=timeline,
         )
 
     def events(self, name: str) -> list[dict[str, Any]]:

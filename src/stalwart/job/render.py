@@ -107,7 +107,7 @@ def _container(spec: JobSpec, name: str) -> dict[str, Any]:
         "image": spec.image or "",
         "command": ["stalwart", "run"],
         # $(STALWART_NODE) is expanded by the kubelet from the env below: the pod's name.
-        "args": run_args(spec, endpoint=endpoint(spec), node_name="$(STALWART_NODE)"),
+        "args": run_args(spec, endpoint=endpoint(spec), node_name="$(STALWART_NODE)", log_events=True),
         "env": env,
         "ports": [{"name": "rdzv", "containerPort": spec.rendezvous.port, "protocol": "TCP"}],
     }

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Port of the /status and /metrics endpoint (default: a free port; 0: off).",
     )
     g.add_argument(
+        "--log-events",
+        action="store_true",
+        help="Also print each recovery event on the output as '[stalwart NODE] event {json}' "
+        "(for pods, whose log directory is gone with them; 'stalwart job describe' reads these).",
+    )
+    g.add_argument(
         "--status-host",
         default="127.0.0.1",
         metavar="HOST",
@@ -294,6 +300,7 @@ def build_config(
         standby_preload=preload,
         status_host=args.status_host,
         status_port=status_port,
+        log_events=args.log_events,
         pre_train=shlex.split(args.pre_train_script) if args.pre_train_script else None,
         post_train=shlex.split(args.post_train_script) if args.post_train_script else None,
         startup_window=args.user_error_threshold,
