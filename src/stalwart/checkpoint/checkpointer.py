@@ -403,11 +403,16 @@ class Checkpointer:
             self._report_failure(step, attempt, exc)
         return None
 
-    def _report_failure(self, step: int, attempt: str, exc: Exception) -> None:
-        """Tell rank 0 this part will not come, so it does not wait ``commit_timeout_s`` for it."""
+    def _report_failure(
+        self, step: int, attempt: str, exc: Exception, storage: Storage | None = None
+    ) -> None:
+        """Tell rank 0 this part will not come to ``storage`` (default: the checkpoint URI), so it
+        does not wait ``commit_timeout_s`` for it."""
         record = PartRecord(step, self.rank, self.world_size, attempt, error=str(exc)[:500])
         try:
-            self.storage.write_atomic(f"{step_dir(step)}/{part_name(self.rank)}", record.to_json())
+            (storage or self.storage).write_atomic(
+                f"{step_dir(step)}/{part_name(self.rank)}", record.to_json()
+            )
         except Exception as again:  # the storage itself is down: rank 0 fails on its own
             logger.debug("could not record the failed save of step %d: %s", step, again)
 
@@ -500,10 +505,8 @@ class Checkpointer:
                 exc,
             )
             self._metrics.mirror_failures.inc()
-            if self.rank != 0:  # so rank 0 does not wait commit_timeout_s for this part
-                record = PartRecord(step, self.rank, self.world_size, attempt, error=str(exc)[:500])
-                with contextlib.suppress(Exception):
-                    mirror.write_atomic(f"{directory}/{part_name(self.rank)}", record.to_json())
+            if self.rank != 0:
+                self._report_failure(step, attempt, exc, mirror)
 
     def _part(
         self,
