@@ -468,9 +468,10 @@ class Checkpointer:
             return dataclasses.replace(ref, committed=True), None
         written.result()
         part = self._part(step, attempt, name, layout.durable_header, durable, crcs, values)
-        self.storage.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
-        if self.rank == 0:
-            self._commit(step, attempt)
+        if self.rank != 0:
+            self.storage.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
+        else:  # rank 0's part goes straight into the manifest: one small write and read less
+            self._commit(self.storage, step, attempt, part)
             self._metrics.last_step.set(step)
             self._purges.append(self._purge.submit(self._retain))
         self._metrics.saves.inc()
@@ -489,12 +490,10 @@ class Checkpointer:
                 data = as_bytes(buf)[len(layout.header) :]
                 shard = [memoryview(layout.durable_header), memoryview(data[: layout.durable_bytes])]
                 mirror.write(f"{directory}/{part.file_name}", shard)
-            mirror.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
-            if self.rank == 0:
-                parts = wait_for_parts(
-                    mirror, step, self.world_size, attempt, self.config.commit_timeout_s, self._stop
-                )
-                commit_step(mirror, merge_parts(step, attempt, parts))
+            if self.rank != 0:
+                mirror.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
+            else:
+                self._commit(mirror, step, attempt, part)
                 apply_retention(mirror, self.config.keep_last, self.config.keep_every)
         except Exception as exc:
             logger.warning(
@@ -529,11 +528,12 @@ class Checkpointer:
             ready(sum(len(memoryview(b).cast("B")) for b in buffers))
             self.storage.write(path, buffers)
 
-    def _commit(self, step: int, attempt: str) -> None:
+    def _commit(self, storage: Storage, step: int, attempt: str, own: PartRecord) -> None:
+        """Rank 0: wait for the other ranks' parts of ``attempt`` in ``storage``, then publish."""
         parts = wait_for_parts(
-            self.storage, step, self.world_size, attempt, self.config.commit_timeout_s, self._stop
+            storage, step, self.world_size, attempt, self.config.commit_timeout_s, self._stop, own
         )
-        commit_step(self.storage, merge_parts(step, attempt, parts))
+        commit_step(storage, merge_parts(step, attempt, parts))
 
     def _retain(self) -> None:
         try:

@@ -77,12 +77,19 @@ def part_record(
 
 
 def wait_for_parts(
-    storage: Storage, step: int, world_size: int, attempt: str, timeout_s: float, stop: threading.Event
+    storage: Storage,
+    step: int,
+    world_size: int,
+    attempt: str,
+    timeout_s: float,
+    stop: threading.Event,
+    own: PartRecord | None = None,
 ) -> list[PartRecord]:
-    """Every rank's part record of ``attempt``, in rank order; raises when ``timeout_s`` runs out."""
+    """Every rank's part record of ``attempt``, in rank order; raises when ``timeout_s`` runs out.
+    ``own`` is the caller's part, already in hand (it is never written to the storage)."""
     directory = step_dir(step)
     deadline = time.monotonic() + timeout_s
-    parts: dict[int, PartRecord] = {}
+    parts: dict[int, PartRecord] = {} if own is None else {own.rank: own}
     delay = 0.005
     while True:
         for rank in range(world_size):
