@@ -35,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -140,6 +141,29 @@ class Progress:
                 self._cond.wait()
             if self._error is not None:
                 raise CheckpointError(f"the snapshot failed: {self._error}") from self._error
+
+
+@dataclass(frozen=True, slots=True)
+class _SaveJob:
+    """One save on its way from the staging buffer to storage (the background part of ``save``)."""
+
+    step: int
+    attempt: str
+    slot: int
+    layout: Layout
+    buf: torch.Tensor  # the slot's staging buffer: header + data
+    values: dict[str, Any]
+    progress: Progress
+    future: Future[CheckpointRef | None]  # resolved at the commit on the checkpoint URI
+
+    @property
+    def data(self) -> np.ndarray:
+        """The data section of the staging buffer, as flat bytes (a view)."""
+        return as_bytes(self.buf)[len(self.layout.header) :]
+
+    def durable_shard(self) -> list[memoryview]:
+        """The durable shard file's bytes: its header, then the durable pieces' data."""
+        return [memoryview(self.layout.durable_header), memoryview(self.data[: self.layout.durable_bytes])]
 
 
 class Checkpointer:
@@ -289,8 +313,8 @@ class Checkpointer:
         # writes alone (checksumming alongside doubled its blocking time here).
         progress = Progress(fused=blocking)
         future: Future[CheckpointRef | None] = Future()
-        job = self._executor.submit(self._persist, step, slot, layout, buf, values, attempt, progress, future)
-        self._pending.append(job)
+        save = _SaveJob(step, attempt, slot, layout, buf, values, progress, future)
+        self._pending.append(self._executor.submit(self._persist, save))
         try:
             self._snapshot(buf, layout, progress)
         except BaseException as exc:
@@ -366,28 +390,18 @@ class Checkpointer:
             self._private[slot] = current
         return current
 
-    def _persist(
-        self,
-        step: int,
-        slot: int,
-        layout: Layout,
-        buf: torch.Tensor,
-        values: dict[str, Any],
-        attempt: str,
-        progress: Progress,
-        future: Future[CheckpointRef | None],
-    ) -> None:
-        """The background part of one save: persist, resolve ``future``, then fill the mirrors
+    def _persist(self, job: _SaveJob) -> None:
+        """The background part of one save: persist, resolve its future, then fill the mirrors
         from the same staging buffer (its slot is not reused while this job runs)."""
         try:
-            ref, part = self._persist_or_raise(step, slot, layout, buf, values, attempt, progress)
+            ref, part = self._persist_or_raise(job)
         except Exception as exc:
-            future.set_result(self._persist_failed(step, attempt, exc))
+            job.future.set_result(self._persist_failed(job.step, job.attempt, exc))
             return
-        future.set_result(ref)
+        job.future.set_result(ref)
         if part is not None:
             for mirror in self.mirrors:
-                self._mirror(mirror, step, attempt, layout, buf, part)
+                self._mirror(mirror, job, part)
 
     def _persist_failed(self, step: int, attempt: str, exc: Exception) -> None:
         """Report a failed save as an event (warning + metric) and tell rank 0; never raise."""
@@ -416,20 +430,11 @@ class Checkpointer:
         except Exception as again:  # the storage itself is down: rank 0 fails on its own
             logger.debug("could not record the failed save of step %d: %s", step, again)
 
-    def _persist_or_raise(
-        self,
-        step: int,
-        slot: int,
-        layout: Layout,
-        buf: torch.Tensor,
-        values: dict[str, Any],
-        attempt: str,
-        progress: Progress,
-    ) -> tuple[CheckpointRef, PartRecord | None]:
+    def _persist_or_raise(self, job: _SaveJob) -> tuple[CheckpointRef, PartRecord | None]:
         """Write the shard and part record; on rank 0 commit. The part is None when the step was
         already committed (nothing was written)."""
-        whole = as_bytes(buf)
-        data = whole[len(layout.header) :]
+        step, attempt, slot, layout, progress = job.step, job.attempt, job.slot, job.layout, job.progress
+        data = job.data
         directory = step_dir(step)
         name = shard_name(self.rank)
         durable = [p for p in layout.pieces if p.durable]
@@ -439,11 +444,7 @@ class Checkpointer:
         written: Future[None] | None = None
         if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
             # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
-            shard = (
-                [memoryview(layout.durable_header), memoryview(data[: layout.durable_bytes])]
-                if durable
-                else None
-            )
+            shard = job.durable_shard() if durable else None
             skip = len(layout.durable_header)  # file offset -> data offset
             written = self._io.submit(
                 self._write_shard, f"{directory}/{name}", shard, lambda end: progress.wait(end - skip)
@@ -456,10 +457,12 @@ class Checkpointer:
             done = progress.crcs.get(id(p))
             crcs[id(p)] = done if done is not None else crc_slices(data[p.start : p.start + p.nbytes])
         progress.wait(layout.data_bytes)
-        if self.memory is not None and self.memory.holds(slot, buf):
+        if self.memory is not None and self.memory.holds(slot, job.buf):
             self.memory.commit(
                 slot,
-                self._part(step, attempt, MemoryTier.shard(slot), layout.header, layout.pieces, crcs, values),
+                self._part(
+                    step, attempt, MemoryTier.shard(slot), layout.header, layout.pieces, crcs, job.values
+                ),
             )
         if written is None:
             logger.info(
@@ -467,33 +470,34 @@ class Checkpointer:
             )
             return dataclasses.replace(ref, committed=True), None
         written.result()
-        part = self._part(step, attempt, name, layout.durable_header, durable, crcs, values)
-        if self.rank != 0:
-            self.storage.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
-        else:  # rank 0's part goes straight into the manifest: one small write and read less
-            self._commit(self.storage, step, attempt, part)
+        part = self._part(step, attempt, name, layout.durable_header, durable, crcs, job.values)
+        self._publish(self.storage, step, attempt, part)
+        if self.rank == 0:
             self._metrics.last_step.set(step)
             self._purges.append(self._purge.submit(self._retain))
         self._metrics.saves.inc()
         return ref, part
 
-    def _mirror(
-        self, mirror: Storage, step: int, attempt: str, layout: Layout, buf: torch.Tensor, part: PartRecord
-    ) -> None:
-        """Copy this rank's shard and part record of ``step`` to ``mirror``; rank 0 then commits
-        there with the same protocol. A failure is logged and counted, never raised."""
+    def _publish(self, storage: Storage, step: int, attempt: str, part: PartRecord) -> None:
+        """Hand this rank's part of ``step`` to rank 0 through ``storage``; on rank 0, commit
+        (its own part goes straight into the manifest: one small write and read less)."""
+        if self.rank != 0:
+            storage.write_atomic(f"{step_dir(step)}/{part_name(self.rank)}", part.to_json())
+        else:
+            self._commit(storage, step, attempt, part)
+
+    def _mirror(self, mirror: Storage, job: _SaveJob, part: PartRecord) -> None:
+        """Copy this rank's shard and part record of the job's step to ``mirror``; rank 0 then
+        commits there with the same protocol. A failure is logged and counted, never raised."""
+        step, attempt = job.step, job.attempt
         directory = step_dir(step)
         try:
             if mirror.exists(f"{directory}/{MANIFEST_NAME}"):
                 return
             if part.file_name is not None:
-                data = as_bytes(buf)[len(layout.header) :]
-                shard = [memoryview(layout.durable_header), memoryview(data[: layout.durable_bytes])]
-                mirror.write(f"{directory}/{part.file_name}", shard)
-            if self.rank != 0:
-                mirror.write_atomic(f"{directory}/{part_name(self.rank)}", part.to_json())
-            else:
-                self._commit(mirror, step, attempt, part)
+                mirror.write(f"{directory}/{part.file_name}", job.durable_shard())
+            self._publish(mirror, step, attempt, part)
+            if self.rank == 0:
                 apply_retention(mirror, self.config.keep_last, self.config.keep_every)
         except Exception as exc:
             logger.warning(
