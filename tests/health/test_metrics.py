@@ -59,7 +59,8 @@ def test_exposition_passes_promtool_and_prometheus_scrapes_the_agent(
     node, tmp_path: Path, prometheus_bin: Path
 ) -> None:
     registry = CollectorRegistry()
-    AgentMetrics(registry)  # the agent's own metrics share the registry, as in the agent
+    agent_metrics = AgentMetrics(registry)  # the agent's own metrics share the registry, as in the agent
+    agent_metrics.observe_checkpoint("checkpoint_saved", {"step": 40, "seconds": 0.31})  # a worker's event
     n = node(
         _monitors(tmp_path),
         nproc=2,
@@ -81,6 +82,9 @@ def test_exposition_passes_promtool_and_prometheus_scrapes_the_agent(
         "stalwart_efa_port_active",
         "stalwart_log_rule_state",
         "stalwart_restarts_total",
+        'stalwart_checkpoint_events_total{event="saved"}',
+        'stalwart_checkpoint_step{event="saved"} 40.0',
+        "stalwart_checkpoint_seconds_bucket",
     ):
         assert name in text, name
 

@@ -132,7 +132,13 @@ def test_a_two_node_job_recovers_from_a_crash_and_completes(tmp_path: Path, home
     assert (
         kinds.index("fault") < kinds.index("restart") < kinds.index("rendezvous") < kinds.index("first_step")
     )
+    assert "checkpoint_loaded" in kinds, "the recovery's reload is part of its timeline"
+    ckpts = d["checkpoints"]  # the crash at step 6 resumes from step 4, saved every 4 steps
+    assert ckpts["last_loaded"]["step"] == 4 and ckpts["last_loaded"]["tier"].startswith("durable tier")
+    assert ckpts["last_saved"]["step"] == 16 and ckpts["last_saved"]["rank"] == 0
+    assert (ckpts["failed_saves"], ckpts["skipped_on_load"]) == (0, 0)
     text = _cli(home, "describe", "e2e")
+    assert "Checkpoints:" in text.stdout and "last loaded: step 4 from the durable tier" in text.stdout
     assert "Restart history:" in text.stdout and "worker_exit" in text.stdout
     assert "Recovery (seconds per phase):" in text.stdout and "incident -> generation 1" in text.stdout
     timeline = _cli(home, "events", "e2e")

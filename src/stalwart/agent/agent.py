@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,11 @@ from stalwart.worker import api as wapi
 from stalwart.worker.channel import ReportReceiver
 
 __all__ = ["StalwartAgent"]
+
+_WORKER_EVENT = re.compile(r"[a-z][a-z0-9_]{0,47}")
+_AGENT_EVENTS = frozenset(
+    ("fault", "restart", "workers_stopped", "rendezvous", "workers_started", "first_step", "budget", "exit")
+)
 
 logger = logging.getLogger(__name__)
 
@@ -517,6 +523,9 @@ class StalwartAgent(SimpleElasticAgent):
     # -- worker callbacks (other threads) ------------------------------------------------------
 
     def _on_report(self, report: wapi.Report) -> None:
+        if report.event is not None:  # not progress; kept whatever its generation (a final save)
+            self._on_worker_event(report)
+            return
         if report.generation != self._generation:
             return
         with self._lock:
@@ -538,6 +547,17 @@ class StalwartAgent(SimpleElasticAgent):
                 self._observe_recovery_phases(report.generation)
         for monitor in self.cfg.monitors:
             monitor.on_report(report)
+
+    def _on_worker_event(self, report: wapi.Report) -> None:
+        """A worker's event (``stalwart.worker.event``): into the timeline and the metrics."""
+        fields = dict(report.event or {})
+        name = fields.pop("event", None)
+        if not isinstance(name, str) or not _WORKER_EVENT.fullmatch(name) or name in _AGENT_EVENTS:
+            return  # a malformed name, or one of the agent's own (the timeline reads those)
+        for reserved in ("time", "node", "generation", "rank"):
+            fields.pop(reserved, None)
+        self.timeline.emit(name, report.generation, rank=report.rank, **fields)
+        self.metrics.observe_checkpoint(name, fields)
 
     def _observe_recovery_phases(self, generation: int) -> None:
         for incident in summarize(self.timeline.snapshot()):

@@ -46,6 +46,48 @@ class AgentMetrics:
             registry=registry,
         )
         self.generation = Gauge("stalwart_generation", "Job-wide restart generation.", registry=registry)
+        self.checkpoint_events = Counter(
+            "stalwart_checkpoint_events",
+            "Checkpoint events this node's workers reported: saved (committed; rank 0 reports it), "
+            "failed (a save that did not persist), mirror_failed, corrupt (a checkpoint skipped on "
+            "load), loaded (local rank 0 reports it).",
+            ["event"],
+            registry=registry,
+        )
+        self.checkpoint_step = Gauge(
+            "stalwart_checkpoint_step",
+            "Step of the last checkpoint this node's workers saved (committed) or loaded.",
+            ["event"],
+            registry=registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "stalwart_checkpoint_seconds",
+            "Seconds from save() to the commit (saved), or of load_latest (loaded), as workers reported.",
+            ["event"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+            registry=registry,
+        )
+
+    def observe_checkpoint(self, event: str, fields: dict[str, Any]) -> None:
+        """Count a worker's ``checkpoint_*`` event (others are ignored here)."""
+        kind = _CHECKPOINT_EVENTS.get(event)
+        if kind is None:
+            return
+        self.checkpoint_events.labels(event=kind).inc()
+        if kind in ("saved", "loaded"):
+            if isinstance(fields.get("step"), int):
+                self.checkpoint_step.labels(event=kind).set(fields["step"])
+            if isinstance(fields.get("seconds"), int | float):
+                self.checkpoint_seconds.labels(event=kind).observe(max(0.0, float(fields["seconds"])))
+
+
+_CHECKPOINT_EVENTS = {
+    "checkpoint_saved": "saved",
+    "checkpoint_failed": "failed",
+    "checkpoint_mirror_failed": "mirror_failed",
+    "checkpoint_corrupt": "corrupt",
+    "checkpoint_loaded": "loaded",
+}
 
 
 class StatusServer:

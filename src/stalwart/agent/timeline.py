@@ -14,6 +14,17 @@ budget             the job-wide budget after a restart (``used``, ``max``)
 exit               the agent exits (``code``, ``reason``)
 ================== ==================================================================
 
+Workers add their own events through ``stalwart.worker.event`` (with the sending ``rank``); the
+checkpointer's are:
+
+======================== ============================================================
+checkpoint_saved         rank 0 committed ``step`` at ``uri`` (``seconds`` since save())
+checkpoint_failed        a save of ``step`` did not persist (``error``); training went on
+checkpoint_mirror_failed a copy of ``step`` to the mirror ``uri`` failed (``error``)
+checkpoint_corrupt       a load skipped a checkpoint (``error`` names the file)
+checkpoint_loaded        local rank 0 loaded ``step`` from ``tier`` in ``seconds``
+======================== ============================================================
+
 An incident is the recovery into generation G (G >= 1): it spans from the earliest fault any node
 saw in generation G-1 to the first step of generation G.
 """
@@ -32,7 +43,15 @@ from typing import Any
 
 import click
 
-__all__ = ["Incident", "Timeline", "events_command", "format_incidents", "load_events", "summarize"]
+__all__ = [
+    "Incident",
+    "Timeline",
+    "checkpoint_summary",
+    "events_command",
+    "format_incidents",
+    "load_events",
+    "summarize",
+]
 
 _PHASES = ("detect", "stop", "rendezvous", "spawn", "first_step")
 
@@ -186,6 +205,29 @@ def _describe(ev: dict[str, Any]) -> str:
     fault = ev.get("fault") or {}
     where = f" rank {fault['rank']}" if fault.get("rank") is not None else ""
     return f"{fault.get('kind', '?')}{where} on {ev.get('node')}: {fault.get('message', '')}".strip()
+
+
+def checkpoint_summary(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The job's checkpoints as its workers reported them: the last save and load, and how many
+    saves failed or checkpoints were skipped (with the last such event). Empty when none."""
+    out: dict[str, Any] = {}
+    counts = {"checkpoint_failed": 0, "checkpoint_mirror_failed": 0, "checkpoint_corrupt": 0}
+    for e in events:
+        kind = e.get("event")
+        if kind in ("checkpoint_saved", "checkpoint_loaded"):
+            out["last_saved" if kind == "checkpoint_saved" else "last_loaded"] = _without_generation(e)
+        elif kind in counts:
+            counts[kind] += 1
+            out["last_problem"] = _without_generation(e)
+    if out:
+        out["failed_saves"] = counts["checkpoint_failed"]
+        out["failed_mirror_copies"] = counts["checkpoint_mirror_failed"]
+        out["skipped_on_load"] = counts["checkpoint_corrupt"]
+    return out
+
+
+def _without_generation(e: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in e.items() if k != "generation"}
 
 
 def describe_events(

@@ -67,7 +67,7 @@ from stalwart.checkpoint.reshard import local_box, saves_piece
 from stalwart.checkpoint.retention import apply_retention, committed_steps
 from stalwart.checkpoint.storage import open_storage
 from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
-from stalwart.worker import busy
+from stalwart.worker import busy, event
 from stalwart.worker.api import ENV_CHECKPOINT_MIRRORS, ENV_CHECKPOINT_URI
 
 __all__ = ["CheckpointConfig", "Checkpointer", "env_mirrors"]
@@ -155,6 +155,7 @@ class _SaveJob:
     values: dict[str, Any]
     progress: Progress
     future: Future[CheckpointRef | None]  # resolved at the commit on the checkpoint URI
+    started: float  # time.perf_counter() when save() was called
 
     @property
     def data(self) -> np.ndarray:
@@ -313,7 +314,7 @@ class Checkpointer:
         # writes alone (checksumming alongside doubled its blocking time here).
         progress = Progress(fused=blocking)
         future: Future[CheckpointRef | None] = Future()
-        save = _SaveJob(step, attempt, slot, layout, buf, values, progress, future)
+        save = _SaveJob(step, attempt, slot, layout, buf, values, progress, future, started)
         self._pending.append(self._executor.submit(self._persist, save))
         try:
             self._snapshot(buf, layout, progress)
@@ -412,6 +413,7 @@ class Checkpointer:
             exc,
         )
         self._metrics.save_failures.inc()
+        event("checkpoint_failed", step=step, uri=self.storage.uri, error=str(exc)[:300])
         self.last_error = exc
         if self.rank != 0:
             self._report_failure(step, attempt, exc)
@@ -474,6 +476,8 @@ class Checkpointer:
         self._publish(self.storage, step, attempt, part)
         if self.rank == 0:
             self._metrics.last_step.set(step)
+            seconds = round(time.perf_counter() - job.started, 4)
+            event("checkpoint_saved", step=step, uri=self.storage.uri, seconds=seconds)
             self._purges.append(self._purge.submit(self._retain))
         self._metrics.saves.inc()
         return ref, part
@@ -508,6 +512,7 @@ class Checkpointer:
                 exc,
             )
             self._metrics.mirror_failures.inc()
+            event("checkpoint_mirror_failed", step=step, uri=mirror.uri, error=str(exc)[:300])
             if self.rank != 0:
                 self._report_failure(step, attempt, exc, mirror)
 
@@ -646,6 +651,7 @@ class Checkpointer:
                 status, error = _CORRUPT, exc
                 if i + 1 < len(makes):
                     logger.warning("%s; loading the same step from the next tier", exc)
+                    event("checkpoint_corrupt", error=f"{str(exc)[:300]}; the next tier has the same step")
                 continue
             except Exception as exc:
                 status, error = _FATAL, exc
@@ -660,14 +666,17 @@ class Checkpointer:
         if worst == _CORRUPT:
             why = str(error) if error is not None else "another rank found a corrupt or missing file"
             logger.warning("skipping a checkpoint: %s; falling back to an older one", why)
+            if error is not None:
+                event("checkpoint_corrupt", error=why[:300])
             problems.append(why)
             return None
         return tier
 
     def _loaded(self, step: int, tier: str, started: float) -> None:
-        logger.info(
-            "loaded checkpoint step %d from the %s in %.3f s", step, tier, time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        logger.info("loaded checkpoint step %d from the %s in %.3f s", step, tier, seconds)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one per node: the agent's event log
+            event("checkpoint_loaded", step=step, tier=tier, seconds=round(seconds, 4))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def wait(self) -> None:

@@ -96,7 +96,7 @@ class JobStatus:
 
 @dataclass(frozen=True, slots=True)
 class JobDescription:
-    """Everything ``describe`` shows: status, nodes, restart history and recent incidents.
+    """Everything ``describe`` shows: status, nodes, restart history, checkpoints, recent incidents.
 
     ``history`` is one record per restart (time, node, reason); ``incidents`` holds the last
     incidents' timelines, each a list of events as the agents recorded them; ``timeline`` is the
@@ -110,6 +110,8 @@ class JobDescription:
     where: str = ""
     spec: dict[str, Any] = field(default_factory=dict)
     timeline: str = ""
+    checkpoints: dict[str, Any] = field(default_factory=dict)
+    """The last checkpoint saved and loaded, and failure counts (``checkpoint_summary``)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

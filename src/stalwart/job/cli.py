@@ -341,6 +341,18 @@ def _print_description(d: JobDescription) -> None:
             f"{k}={v}" for k, v in h.items() if k not in ("time", "lastTransitionTime") and v is not None
         )
         click.echo(f"  {when}  {rest}")
+    if d.checkpoints:
+        click.echo("\nCheckpoints:")
+        for key, label in (("last_saved", "last saved"), ("last_loaded", "last loaded")):
+            if key in d.checkpoints:
+                click.echo(f"  {label + ':':<13}{_checkpoint_event(d.checkpoints[key])}")
+        c = d.checkpoints
+        click.echo(
+            f"  {'problems:':<13}{c['failed_saves']} failed saves, {c['failed_mirror_copies']} failed "
+            f"mirror copies, {c['skipped_on_load']} checkpoints skipped on load"
+        )
+        if "last_problem" in c:
+            click.echo(f"  {'last problem:':<13}{_checkpoint_event(c['last_problem'])}")
     if d.timeline:
         click.echo("\nRecovery (seconds per phase):")
         click.echo("  " + d.timeline.replace("\n", "\n  "))
@@ -356,6 +368,23 @@ def _print_description(d: JobDescription) -> None:
                     f"  +{ev['time'] - t0:7.3f}s  {ev.get('node', '?'):<10} {ev.get('event', '?'):<16} "
                     f"gen={ev.get('generation', '?')} {detail}"[:200]
                 )
+
+
+def _checkpoint_event(e: dict[str, Any]) -> str:
+    """One checkpoint event as a line: what, where, when."""
+    when = datetime.fromtimestamp(e["time"]).isoformat(timespec="seconds") if "time" in e else "-"
+    what = e.get("event", "?").removeprefix("checkpoint_")
+    parts = [f"step {e['step']}" if e.get("step") is not None else what]
+    if "tier" in e:
+        parts.append(f"from the {e['tier']}")
+    if "uri" in e:
+        parts.append(f"at {e['uri']}")
+    if isinstance(e.get("seconds"), int | float):
+        parts.append(f"in {e['seconds']:.2f} s")
+    parts.append(f"({when}, {e.get('node', '?')} rank {e.get('rank', '?')})")
+    if "error" in e:
+        parts.append(f"{what}: {e['error']}")
+    return " ".join(parts)
 
 
 @job.command()

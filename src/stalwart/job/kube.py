@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from stalwart.agent.timeline import describe_events, parse_event_line
+from stalwart.agent.timeline import checkpoint_summary, describe_events, parse_event_line
 from stalwart.errors import JobError, JobSubmitError
 from stalwart.job.api import (
     JobDescription,
@@ -339,7 +339,8 @@ class KubernetesBackend:
             history.append(
                 {k: cond.get(k) for k in ("type", "status", "reason", "message", "lastTransitionTime")}
             )
-        restarts, incidents, timeline = describe_events(self._agent_events(name))
+        events = self._agent_events(name)
+        restarts, incidents, timeline = describe_events(events)
         return JobDescription(
             status=status,
             node_states=tuple(nodes),
@@ -348,6 +349,7 @@ class KubernetesBackend:
             where=f"{self._host} namespace {self.namespace} {obj.get('kind')}/{name}",
             spec=obj.get("spec") or {},
             timeline=timeline,
+            checkpoints=checkpoint_summary(events),
         )
 
     def _agent_events(self, name: str) -> list[dict[str, Any]]:

@@ -328,7 +328,7 @@ class LocalBackend:
         return self._status(name)[0]
 
     def describe(self, name: str) -> JobDescription:
-        from stalwart.agent.timeline import describe_events
+        from stalwart.agent.timeline import checkpoint_summary, describe_events
 
         status, nodes, events = self._status(name)
         job_dir = self._dir(name)
@@ -342,6 +342,7 @@ class LocalBackend:
             where=str(job_dir),
             spec=spec,
             timeline=timeline,
+            checkpoints=checkpoint_summary(events),
         )
 
     def events(self, name: str) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
-"""The in-worker API: ``report(step, loss=...)`` and fault injection (``STALWART_FAULT``)."""
+"""The in-worker API: ``report(step, loss=...)``, ``busy``, ``event`` and fault injection
+(``STALWART_FAULT``)."""
 
-from stalwart.worker.report import busy, report
+from stalwart.worker.report import busy, event, report
 
-__all__ = ["busy", "report"]
+__all__ = ["busy", "event", "report"]

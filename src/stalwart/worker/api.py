@@ -47,10 +47,13 @@ ENV_CHECKPOINT_MIRRORS = "STALWART_CHECKPOINT_MIRRORS"
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """One progress record from a worker: sent by ``stalwart.worker.report``.
+    """One record from a worker: progress, sent by ``stalwart.worker.report``, or an event.
 
     ``time`` is the worker's wall clock (``time.time()``) when the step completed.
     ``loss`` is ``None`` when the script did not pass one; it may be NaN or infinite.
+    ``event``, when set, makes this an event for the agent's timeline and metrics (sent by
+    ``stalwart.worker.event``, for example by the checkpointer): ``{"event": name, **fields}``
+    with JSON-able fields. An event is not progress: ``step`` is only the last step reported.
     """
 
     rank: int
@@ -61,13 +64,16 @@ class Report:
     generation: int = 0
     loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    event: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
         d = asdict(self)
         # JSON has no NaN/Inf; keep them as strings so the agent sees exactly what the worker saw.
         if self.loss is not None and not math.isfinite(self.loss):
             d["loss"] = repr(self.loss)
-        return json.dumps(d, separators=(",", ":")).encode()
+        if d["event"] is None:
+            del d["event"]
+        return json.dumps(d, separators=(",", ":"), default=str).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Report:

@@ -14,11 +14,12 @@ import math
 import os
 import socket
 import time
+from typing import Any
 
 from stalwart.worker import faults
-from stalwart.worker.api import ENV_GENERATION, ENV_REPORT_SOCKET, METRIC_BUSY, METRIC_EXITING
+from stalwart.worker.api import ENV_GENERATION, ENV_REPORT_SOCKET, METRIC_BUSY, METRIC_EXITING, Report
 
-__all__ = ["busy", "report"]
+__all__ = ["busy", "event", "report"]
 
 
 class _Sender:
@@ -110,6 +111,31 @@ def busy(seconds: float) -> None:
     """
     _sender.ensure()
     _sender.send(_sender.last_step, None, {METRIC_BUSY: float(seconds)})
+
+
+def event(name: str, **fields: Any) -> None:
+    """Tell the agent that ``name`` happened in this worker (``checkpoint_saved``, ...).
+
+    The agent adds it to its event log (``stalwart job events``, incident timelines) and counts
+    it in its metrics; it is not progress. ``fields`` must be JSON-able (others are sent as
+    strings); keep them small: one datagram carries the event. Best effort, like ``report``.
+    """
+    _sender.ensure()
+    if _sender.sock is None or _sender.path is None:
+        return
+    record = Report(
+        rank=_sender.rank,
+        local_rank=_sender.local_rank,
+        step=_sender.last_step,
+        time=time.time(),
+        pid=_sender.pid,
+        generation=_sender.generation,
+        event={**fields, "event": name},
+    )
+    try:
+        _sender.sock.sendto(record.encode(), _sender.path)
+    except OSError:
+        pass
 
 
 def _on_exit() -> None:
