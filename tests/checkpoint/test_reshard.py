@@ -139,3 +139,10 @@ def test_a_rank_whose_save_fails_tells_rank_0_which_gives_the_commit_up_at_once(
     root = tmp_path / "ck"
     _run_two_ranks("fail-rank1", root, tmp_path)  # commit_timeout_s is 600: waiting would time out
     assert not (root / "step-000000003" / "manifest.json").exists()
+
+
+def test_a_uri_that_is_not_shared_by_all_ranks_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
+    root = tmp_path / "local"
+    _run_two_ranks("unshared", root, tmp_path)  # asserts the message on both ranks
+    leftovers = [p.name for d in tmp_path.glob("local*") for p in d.iterdir()]
+    assert leftovers == [], leftovers  # rank 0's probe files are gone, on the mirror too

@@ -210,6 +210,7 @@ class Checkpointer:
         self.rank = dist.get_rank(process_group) if self._dist else 0
         self.world_size = dist.get_world_size(process_group) if self._dist else 1
         self._token = self._agree_token()
+        self._check_shared()
         # storages whose write takes ``ready`` start writing while the snapshot is still copying
         self._pipelined = "ready" in inspect.signature(self.storage.write).parameters
         self._metrics: CheckpointMetrics = checkpoint_metrics(registry)
@@ -264,6 +265,50 @@ class Checkpointer:
         t = torch.tensor([value], dtype=torch.int64, device=self._device())
         dist.all_reduce(t, op=op, group=self._pg)
         return int(t.item())
+
+    def _reduce_all(self, values: list[int], op: dist.ReduceOp.RedOpType) -> list[int]:
+        if not self._dist:
+            return values
+        t = torch.tensor(values, dtype=torch.int64, device=self._device())
+        dist.all_reduce(t, op=op, group=self._pg)
+        return [int(v) for v in t.tolist()]
+
+    def _check_shared(self) -> None:
+        """Every rank must see the files rank 0 writes at the URI and at each mirror: rank 0
+        commits from the parts the ranks write there, so a node-local path in a multi-node job
+        would fail every save (after ``commit_timeout_s``). Raises ``ConfigError`` naming it."""
+        if not self._dist or self.world_size == 1:
+            return
+        tiers = [self.storage, *self.mirrors]
+        probe = f".stalwart-probe-{self._token}"
+        written = [0] * len(tiers)
+        if self.rank == 0:
+            for i, storage in enumerate(tiers):
+                try:
+                    storage.write_atomic(probe, b"written by rank 0 to check that every rank sees it\n")
+                    written[i] = 1
+                except Exception as exc:  # unwritable now: saves will report it, not construction
+                    logger.warning("cannot check that every rank sees %s: %s", storage.uri, exc)
+        written = self._reduce_all(written, dist.ReduceOp.MAX)  # also: rank 0 has written
+        blind = [self.world_size] * len(tiers)  # per tier: the lowest rank that cannot see it
+        for i, storage in enumerate(tiers):
+            if self.rank != 0 and written[i] and not _appears(storage, probe):
+                blind[i] = self.rank
+        blind = self._reduce_all(blind, dist.ReduceOp.MIN)
+        if self.rank == 0:
+            for storage, done in zip(tiers, written, strict=True):
+                if done:
+                    with contextlib.suppress(Exception):
+                        storage.delete(probe)
+        for storage, rank in zip(tiers, blind, strict=True):
+            if rank < self.world_size:
+                raise ConfigError(
+                    f"checkpoint location {storage.uri} is not shared by all ranks: rank {rank} cannot "
+                    "see the file rank 0 wrote there. Rank 0 commits each checkpoint from the parts "
+                    "every rank writes, so all ranks need the same storage: use a shared file system "
+                    "(FSx for Lustre, NFS) or S3; the memory tier (on by default) already keeps a "
+                    "node-local copy for fast restarts"
+                )
 
     def _agree_token(self) -> str:
         t = torch.tensor([time.time_ns() ^ (os.getpid() << 20)], dtype=torch.int64)
@@ -732,6 +777,17 @@ class Checkpointer:
 def env_mirrors() -> list[str]:
     """The mirrors named by ``STALWART_CHECKPOINT_MIRRORS`` (comma-separated; empty when unset)."""
     return [m.strip() for m in os.environ.get(ENV_CHECKPOINT_MIRRORS, "").split(",") if m.strip()]
+
+
+def _appears(storage: Storage, path: str, timeout: float = 5.0) -> bool:
+    """Whether ``path`` exists in ``storage``, polling briefly (caches of network file systems)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if storage.exists(path):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _plain_cpu(t: torch.Tensor) -> bool:

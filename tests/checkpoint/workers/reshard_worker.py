@@ -14,7 +14,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer
 from stalwart.checkpoint.storage_posix import PosixStorage
-from stalwart.errors import CheckpointError
+from stalwart.errors import CheckpointError, ConfigError
 
 
 def full_state() -> dict:
@@ -56,9 +56,27 @@ def fail_rank1(root: str, rank: int) -> None:
     _exit()
 
 
+def unshared(root: str, rank: int) -> None:
+    """Each rank's URI is its own directory, as node-local disks would be: construction fails."""
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+    try:
+        Checkpointer(f"{root}-{rank}", config, mirrors=[f"{root}-shared-mirror"])
+    except ConfigError as exc:
+        message = str(exc)
+        assert f"location {root}-{rank} is not shared by all ranks: rank 1 cannot see" in message, message
+        assert "FSx for Lustre" in message, message
+    else:
+        raise AssertionError("a URI that is not shared was accepted")
+    dist.barrier()  # both ranks raised, neither hangs in a collective
+    dist.destroy_process_group()
+    _exit()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["save", "load", "load-same", "fail-rank1"], required=True)
+    parser.add_argument(
+        "--mode", choices=["save", "load", "load-same", "fail-rank1", "unshared"], required=True
+    )
     parser.add_argument("--shm", default=None, help="enable the memory tier under this root")
     parser.add_argument("--root", required=True)
     parser.add_argument("--store", required=True)
@@ -85,6 +103,9 @@ def main() -> None:
     )
     if args.mode == "fail-rank1":
         fail_rank1(args.root, args.rank)
+        return
+    if args.mode == "unshared":
+        unshared(args.root, args.rank)
         return
     ck = Checkpointer(args.root, config, mirrors=[args.mirror] if args.mirror else [])
     if args.mode == "save":
