@@ -188,3 +188,22 @@ def test_a_status_port_in_use_is_a_clear_error(stalwart: StalwartRunner) -> None
         out = _finish(p)
     assert p.returncode == 2, out
     assert f"cannot listen on 127.0.0.1:{port}" in out and "pick a free port" in out
+
+
+def test_a_busy_notice_before_the_first_step_is_not_the_first_step(
+    stalwart: StalwartRunner, tmp_path: Path
+) -> None:
+    script = tmp_path / "busy_first.py"
+    script.write_text(
+        "from stalwart.worker import busy, report\n"
+        "busy(30)  # e.g. before loading a large checkpoint\n"
+        "report(1, loss=1.0)\n"
+        "report(2, loss=0.5)\n"
+    )
+    p = stalwart.start(
+        "--standalone", "--nproc-per-node", "1", "--no-standby", "--node-name", "b", str(script)
+    )
+    out = _finish(p)
+    assert p.returncode == 0, out
+    first = [e for e in stalwart.events() if e["event"] == "first_step"]
+    assert [(e["generation"], e["step"]) for e in first] == [(0, 1)], first

@@ -528,6 +528,12 @@ class StalwartAgent(SimpleElasticAgent):
             return
         if report.generation != self._generation:
             return
+        if wapi.METRIC_BUSY in report.metrics or wapi.METRIC_EXITING in report.metrics:
+            # announcements, not steps: a busy(120) before the first step must not end the
+            # recovery's timeline there, nor reset the start-up retry budget
+            for monitor in self.cfg.monitors:
+                monitor.on_report(report)
+            return
         with self._lock:
             first = not self._first_step_seen
             self._first_step_seen = True
