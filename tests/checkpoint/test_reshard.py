@@ -146,3 +146,9 @@ def test_a_uri_that_is_not_shared_by_all_ranks_is_a_clear_error_on_every_rank(tm
     _run_two_ranks("unshared", root, tmp_path)  # asserts the message on both ranks
     leftovers = [p.name for d in tmp_path.glob("local*") for p in d.iterdir()]
     assert leftovers == [], leftovers  # rank 0's probe files are gone, on the mirror too
+
+
+def test_a_rank_that_cannot_look_at_the_uri_fails_construction_on_every_rank_without_a_hang(
+    tmp_path: Path,
+) -> None:
+    _run_two_ranks("probe-error", tmp_path / "ck", tmp_path)  # a hang would time out after 120 s

@@ -291,8 +291,15 @@ class Checkpointer:
                     logger.warning("cannot check that every rank sees %s: %s", storage.uri, exc)
         written = self._reduce_all(written, dist.ReduceOp.MAX)  # also: rank 0 has written
         blind = [self.world_size] * len(tiers)  # per tier: the lowest rank that cannot see it
+        why: dict[int, str] = {}
         for i, storage in enumerate(tiers):
-            if self.rank != 0 and written[i] and not _appears(storage, probe):
+            if self.rank == 0 or not written[i]:
+                continue
+            try:
+                seen = _appears(storage, probe)
+            except Exception as exc:  # raising here would leave the other ranks in the collective
+                seen, why[i] = False, f" ({exc})"
+            if not seen:
                 blind[i] = self.rank
         blind = self._reduce_all(blind, dist.ReduceOp.MIN)
         if self.rank == 0:
@@ -300,11 +307,11 @@ class Checkpointer:
                 if done:
                     with contextlib.suppress(Exception):
                         storage.delete(probe)
-        for storage, rank in zip(tiers, blind, strict=True):
+        for i, (storage, rank) in enumerate(zip(tiers, blind, strict=True)):
             if rank < self.world_size:
                 raise ConfigError(
                     f"checkpoint location {storage.uri} is not shared by all ranks: rank {rank} cannot "
-                    "see the file rank 0 wrote there. Rank 0 commits each checkpoint from the parts "
+                    f"see the file rank 0 wrote there{why.get(i, '')}. Rank 0 commits each checkpoint from the parts "
                     "every rank writes, so all ranks need the same storage: use a shared file system "
                     "(FSx for Lustre, NFS) or S3; the memory tier (on by default) already keeps a "
                     "node-local copy for fast restarts"

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -33,12 +34,19 @@ class _Sender:
         self.prefix = ""
         self.last_step = 0
         self.atexit_pid = -1
+        self.lock = threading.Lock()
 
     def ensure(self) -> None:
-        # Re-initialise after fork (user code may fork).
+        # Re-initialise after fork (user code may fork). The checkpointer's threads send events
+        # too, so the first call is made under a lock; later calls only compare the pid.
         if self.pid == os.getpid():
             return
-        self.pid = os.getpid()
+        with self.lock:
+            if self.pid != os.getpid():
+                self._init()
+
+    def _init(self) -> None:
+        pid = os.getpid()
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.generation = int(
@@ -46,8 +54,7 @@ class _Sender:
         )
         # The fields that never change in this process, in Report's wire format (see Report.decode).
         self.prefix = (
-            f'{{"rank":{self.rank},"local_rank":{self.local_rank},'
-            f'"pid":{self.pid},"generation":{self.generation},'
+            f'{{"rank":{self.rank},"local_rank":{self.local_rank},"pid":{pid},"generation":{self.generation},'
         )
         self.path = os.environ.get(ENV_REPORT_SOCKET) or None
         if self.sock is not None:
@@ -57,9 +64,10 @@ class _Sender:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             sock.setblocking(False)
             self.sock = sock
-            if self.atexit_pid != self.pid:
-                self.atexit_pid = self.pid
+            if self.atexit_pid != pid:
+                self.atexit_pid = pid
                 atexit.register(_on_exit)
+        self.pid = pid  # last: other threads use the fields once the pid matches
 
     def send(self, step: int, loss: float | None, metrics: dict[str, float]) -> None:
         if self.sock is None or self.path is None:
@@ -81,6 +89,8 @@ class _Sender:
 
 
 _sender = _Sender()
+# a fork while another thread held the lock would leave the child's copy locked forever
+os.register_at_fork(after_in_child=lambda: setattr(_sender, "lock", threading.Lock()))
 
 
 def report(step: int, loss: float | None = None, **metrics: float) -> float | None:

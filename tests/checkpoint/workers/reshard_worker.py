@@ -56,6 +56,30 @@ def fail_rank1(root: str, rank: int) -> None:
     _exit()
 
 
+class Forbidden(PosixStorage):
+    """Rank 1's view of a location it may write but not look at (wrong credentials, say)."""
+
+    def exists(self, path: str) -> bool:
+        raise PermissionError(f"access denied to {path}")
+
+
+def probe_error(root: str, rank: int) -> None:
+    """Rank 1 cannot even look at the URI: both ranks get the error, neither hangs."""
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+    storage = Forbidden(root) if rank == 1 else PosixStorage(root)
+    try:
+        Checkpointer(root, config, storage=storage)
+    except ConfigError as exc:
+        message = str(exc)
+        assert "is not shared by all ranks: rank 1 cannot see" in message, message
+        assert ("access denied" in message) == (rank == 1), message
+    else:
+        raise AssertionError("a URI rank 1 cannot look at was accepted")
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit()
+
+
 def unshared(root: str, rank: int) -> None:
     """Each rank's URI is its own directory, as node-local disks would be: construction fails."""
     config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
@@ -75,7 +99,9 @@ def unshared(root: str, rank: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--mode", choices=["save", "load", "load-same", "fail-rank1", "unshared"], required=True
+        "--mode",
+        choices=["save", "load", "load-same", "fail-rank1", "unshared", "probe-error"],
+        required=True,
     )
     parser.add_argument("--shm", default=None, help="enable the memory tier under this root")
     parser.add_argument("--root", required=True)
@@ -106,6 +132,9 @@ def main() -> None:
         return
     if args.mode == "unshared":
         unshared(args.root, args.rank)
+        return
+    if args.mode == "probe-error":
+        probe_error(args.root, args.rank)
         return
     ck = Checkpointer(args.root, config, mirrors=[args.mirror] if args.mirror else [])
     if args.mode == "save":
