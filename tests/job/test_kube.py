@@ -95,6 +95,9 @@ def _incident(node: str) -> list[dict[str, Any]]:
         (0.08, "workers_started", 1), (0.2, "first_step", 1),
     ]:  # fmt: skip
         out.append({"time": t + dt, "node": node, "event": kind, "generation": gen, "reason": "worker_exit"})
+    rank = 8 if node.endswith("1") else 0  # local rank 0 of each pod reports its reload
+    loaded = {"step": 40, "tier": "memory tier", "seconds": 0.05, "rank": rank}
+    out.insert(-1, {"time": t + 0.15, "node": node, "event": "checkpoint_loaded", "generation": 1, **loaded})
     return out
 
 
@@ -212,8 +215,10 @@ def test_status_describe_and_logs_follow_what_the_cluster_reports(
         "llama-ft-pod-0",
         "llama-ft-pod-1",
     }
+    assert "checkpoint_loaded" in [e["event"] for e in d.incidents[0]]  # the reload is part of it
+    assert d.checkpoints["last_loaded"]["step"] == 40 and d.checkpoints["failed_saves"] == 0
     rendered = [line.render() for line in job.logs()]
-    assert sum("] event {" in r for r in rendered) == 11  # the agents' event lines are output too
+    assert sum("] event {" in r for r in rendered) == 13  # the agents' event lines are output too
     assert [r for r in rendered if "] event {" not in r] == [
         "[llama-ft-pod-0 agent] [stalwart llama-ft-pod-0] agent up",
         "[llama-ft-pod-0 rank0] step 1 loss 0.5",
@@ -222,7 +227,7 @@ def test_status_describe_and_logs_follow_what_the_cluster_reports(
     ]
     followed = sorted(line.render() for line in job.logs(follow=True, rank=8))
     assert followed == ["[llama-ft-pod-1 rank8] step 1 loss 0.5"]
-    assert [line.node for line in job.logs(node="1")] == ["llama-ft-pod-1"] * 8
+    assert [line.node for line in job.logs(node="1")] == ["llama-ft-pod-1"] * 9
 
 
 def test_an_unreachable_cluster_is_a_clear_error(full_spec: dict[str, Any]) -> None:
