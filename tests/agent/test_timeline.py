@@ -29,6 +29,7 @@ def _two_node_incident(log_dir: Path) -> None:
             (100.3, "workers_stopped", 0, {}),
             (101.0, "rendezvous", 1, {}),
             (101.1, "workers_started", 1, {}),
+            (102.5, "checkpoint_loaded", 1, {"step": 4, "tier": "memory tier", "seconds": 0.25, "rank": 2}),
             (103.0, "first_step", 1, {"step": 5}),
         ],
     )
@@ -55,6 +56,8 @@ def test_an_incident_spans_from_the_fault_to_the_last_nodes_first_step(tmp_path:
     phases = inc.phases("b")
     assert [round(v or 0, 3) for v in phases.values()] == [0.1, 0.2, 0.7, 0.1, 1.9]
     assert set(inc.nodes) == {"a", "b"}
+    assert inc.reloads == {"b": {"step": 4, "tier": "memory tier", "seconds": 0.25}}
+    assert "b: reloaded checkpoint step 4 from the memory tier in 0.25 s" in format_incidents([inc])
 
 
 def test_advisory_faults_are_not_the_cause_of_an_incident(tmp_path: Path) -> None:

@@ -137,6 +137,8 @@ class Incident:
     cause: str
     nodes: dict[str, dict[str, float]] = field(default_factory=dict)
     recovered_at: float | None = None
+    reloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per node: the checkpoint its workers reloaded (``step``, ``tier``, ``seconds``)."""
 
     @property
     def seconds(self) -> float | None:
@@ -189,6 +191,8 @@ def summarize(events: Iterable[dict[str, Any]]) -> list[Incident]:
             inc.nodes[node] = marks[node]
         elif kind == "workers_started" and gen in by_gen and node in by_gen[gen].nodes:
             by_gen[gen].nodes[node]["workers_started"] = t
+        elif kind == "checkpoint_loaded" and gen in by_gen and node in by_gen[gen].nodes:
+            by_gen[gen].reloads[node] = {k: ev.get(k) for k in ("step", "tier", "seconds")}
         elif kind == "first_step" and gen in by_gen and node in by_gen[gen].nodes:
             inc = by_gen[gen]
             inc.nodes[node].setdefault("first_step", t)
@@ -271,6 +275,11 @@ def format_incidents(incidents: list[Incident]) -> str:
         for node in sorted(inc.nodes):
             cells = "".join(("-" if v is None else f"{v:.2f}").rjust(12) for v in inc.phases(node).values())
             lines.append("  " + node[:24].ljust(24) + cells)
+        for node, r in sorted(inc.reloads.items()):  # part of the first_step phase
+            seconds = f" in {r['seconds']:.2f} s" if isinstance(r.get("seconds"), int | float) else ""
+            lines.append(
+                f"  {node[:24]}: reloaded checkpoint step {r.get('step')} from the {r.get('tier')}{seconds}"
+            )
     return "\n".join(lines)
 
 
@@ -294,6 +303,7 @@ def events_command(log_dir: str, as_json: bool) -> None:
                         "start": i.start,
                         "seconds": i.seconds,
                         "nodes": {n: i.phases(n) for n in i.nodes},
+                        "reloads": i.reloads,
                     }
                     for i in incidents
                 ],
