@@ -80,6 +80,7 @@ def test_a_workers_checkpoints_are_reported_to_its_agent_as_events(tmp_path: Pat
     saved, failed, _, corrupt, loaded = events
     assert saved["step"] == 1 and saved["uri"] == str(root) and saved["seconds"] > 0
     assert failed["step"] == 2 and "step-000000002" in failed["error"]
+    assert corrupt["step"] == 3 and corrupt["tier"].startswith("durable tier")
     assert "rank-00000.safetensors" in corrupt["error"] and "checksum" in corrupt["error"]
     assert loaded["step"] == 1 and loaded["tier"].startswith("durable tier") and loaded["seconds"] > 0
     assert all(r.rank == 0 for r in reports if r.event is not None)
@@ -129,7 +130,7 @@ def test_the_agent_logs_checkpoint_events_and_exports_them_as_metrics(
         ("checkpoint_saved", 1),
         ("checkpoint_failed", 2),
         ("checkpoint_saved", 3),
-        ("checkpoint_corrupt", None),
+        ("checkpoint_corrupt", 3),
         ("checkpoint_loaded", 1),
     ]
     assert all(e["node"] == "c" and e["rank"] == 0 for e in events)

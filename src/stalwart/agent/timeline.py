@@ -21,7 +21,7 @@ checkpointer's are:
 checkpoint_saved         rank 0 committed ``step`` at ``uri`` (``seconds`` since save())
 checkpoint_failed        a save of ``step`` did not persist (``error``); training went on
 checkpoint_mirror_failed a copy of ``step`` to the mirror ``uri`` failed (``error``)
-checkpoint_corrupt       a load skipped a checkpoint (``error`` names the file)
+checkpoint_corrupt       a load skipped ``step`` on ``tier`` (``error`` names the file)
 checkpoint_loaded        local rank 0 loaded ``step`` from ``tier`` in ``seconds``
 ======================== ============================================================
 

@@ -633,7 +633,7 @@ class Checkpointer:
             memory = self.memory
             slot, part = mem
             if self._attempt(
-                [("memory tier", lambda: self._memory_source(memory, slot, part))], state, problems
+                lo, [("memory tier", lambda: self._memory_source(memory, slot, part))], state, problems
             ):
                 self._loaded(lo, "memory tier", started)
                 return lo
@@ -653,7 +653,7 @@ class Checkpointer:
                 for name, storage, steps in tiers
                 if step in steps
             ] or [("durable tier", lambda s=step: self._durable_source(self.storage, "durable", s))]
-            tier = self._attempt(makes, state, problems)
+            tier = self._attempt(step, makes, state, problems)
             if tier is not None:
                 self._loaded(step, tier, started)
                 return step
@@ -689,9 +689,13 @@ class Checkpointer:
         return Source.from_manifest(tier, storage, manifest)
 
     def _attempt(
-        self, makes: list[tuple[str, Callable[[], Source]]], state: dict[str, Any], problems: list[str]
+        self,
+        step: int,
+        makes: list[tuple[str, Callable[[], Source]]],
+        state: dict[str, Any],
+        problems: list[str],
     ) -> str | None:
-        """Load one step on every rank, each from the first of its ``makes`` (tier name, source)
+        """Load ``step`` on every rank, each from the first of its ``makes`` (tier name, source)
         that loads; the tier this rank loaded from, or None when some rank could not load it."""
         status: int = _CORRUPT
         error: BaseException | None = None
@@ -703,7 +707,12 @@ class Checkpointer:
                 status, error = _CORRUPT, exc
                 if i + 1 < len(makes):
                     logger.warning("%s; loading the same step from the next tier", exc)
-                    event("checkpoint_corrupt", error=f"{str(exc)[:300]}; the next tier has the same step")
+                    event(
+                        "checkpoint_corrupt",
+                        step=step,
+                        tier=name,
+                        error=f"{str(exc)[:300]}; the next tier has the same step",
+                    )
                 continue
             except Exception as exc:
                 status, error = _FATAL, exc
@@ -719,7 +728,7 @@ class Checkpointer:
             why = str(error) if error is not None else "another rank found a corrupt or missing file"
             logger.warning("skipping a checkpoint: %s; falling back to an older one", why)
             if error is not None:
-                event("checkpoint_corrupt", error=why[:300])
+                event("checkpoint_corrupt", step=step, tier=makes[-1][0], error=why[:300])
             problems.append(why)
             return None
         return tier
