@@ -50,6 +50,13 @@ def _monitors(tmp_path: Path) -> list[Any]:
     ]
 
 
+def _dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard: panel targets and annotations."""
+    dashboard = json.loads((Path(__file__).parents[2] / "dashboards" / "stalwart.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return exprs + [a["expr"] for a in dashboard["annotations"]["list"]]
+
+
 def _get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as r:  # 127.0.0.1 only
         return json.loads(r.read())
@@ -136,6 +143,9 @@ def test_exposition_passes_promtool_and_prometheus_scrapes_the_agent(
         assert [t["health"] for t in targets] == ["up"]
         steps = _get(f"{base}/api/v1/query?query=stalwart_training_step")["data"]["result"]
         assert {r["metric"]["rank"] for r in steps} == {"0", "1"}
+        for expr in _dashboard_exprs():  # each of the dashboard's queries runs in a real Prometheus
+            q = urllib.parse.quote(expr.replace("$job", ".*"))
+            assert _get(f"{base}/api/v1/query?query={q}")["status"] == "success", expr
     finally:
         os.killpg(prom.pid, signal.SIGKILL)
         prom.wait(timeout=10)
@@ -151,7 +161,9 @@ def test_every_metric_on_the_dashboard_is_exported(tmp_path: Path) -> None:
     from stalwart.worker.api import Report
 
     registry = CollectorRegistry()
-    AgentMetrics(registry)
+    agent_metrics = AgentMetrics(registry)
+    for event in ("checkpoint_saved", "checkpoint_loaded", "checkpoint_failed"):  # workers' events
+        agent_metrics.observe_checkpoint(event, {"step": 8, "seconds": 0.5})
     monitors = _monitors(tmp_path)
     ctx = MonitorContext(
         node="n",
@@ -177,10 +189,7 @@ def test_every_metric_on_the_dashboard_is_exported(tmp_path: Path) -> None:
     for name, kind in re.findall(r"^# TYPE (stalwart_\w+) (\w+)$", generate_latest(registry).decode(), re.M):
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(kind, [""])
         exported |= {name.removesuffix("_total") + s for s in suffixes}
-    dashboard = json.loads((Path(__file__).parents[2] / "dashboards" / "stalwart.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
-    used = {name for e in exprs for name in re.findall(r"stalwart_\w+", e)}
+    used = {name for e in _dashboard_exprs() for name in re.findall(r"stalwart_\w+", e)}
     assert len(used) > 25
     missing = sorted(used - exported)
     assert not missing, f"dashboard uses metrics nobody exports: {missing}"
