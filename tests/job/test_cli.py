@@ -74,8 +74,9 @@ def test_create_dry_run_prints_valid_manifests_and_creates_nothing(
     assert "image: required for the kubernetes backend" in capsys.readouterr().err
     assert run("create", "-f", path, "--dry-run", "--nodes", "2") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":", 1)[0] for line in lines] == ["node-0", "node-1"]
-    assert "is_host=1" in lines[0] and "is_host=0" in lines[1]
+    assert [line.split(":", 1)[0] for line in lines] == ["store", "node-0", "node-1"]
+    assert "stalwart.job.store PORT JOB_DIR 2" in lines[0]  # the rendezvous store is no node's
+    assert "is_host=0" in lines[1] and "is_host=0" in lines[2]
 
 
 def test_missing_jobs_and_scripts_are_clear_errors_and_leave_nothing_behind(

@@ -101,6 +101,7 @@ def test_a_two_node_job_recovers_from_a_crash_and_completes(tmp_path: Path, home
     assert again.returncode == 4
     assert "already exists" in again.stderr
 
+    assert json.loads((home / "jobs" / "e2e" / "state.json").read_text())["store"]["pid"] > 0
     follow = _cli(home, "logs", "e2e", "--follow", timeout=240)
     assert follow.returncode == 0, follow.stderr
     lines = follow.stdout.splitlines()
@@ -147,6 +148,12 @@ def test_a_two_node_job_recovers_from_a_crash_and_completes(tmp_path: Path, home
     listed = json.loads(_cli(home, "list", "-o", "json").stdout)
     assert [(j["name"], j["state"]) for j in listed] == [("e2e", "succeeded")]
 
+    # the store's supervisor records its exit once the store process has exited: after every node
+    record = home / "jobs" / "e2e" / "store" / "exit.json"
+    deadline = time.monotonic() + 30
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert record.exists() and json.loads(record.read_text())["returncode"] == 0, "the store outlived the job"
     deleted = _cli(home, "delete", "e2e")
     assert deleted.returncode == 0, deleted.stderr
     assert not (home / "jobs" / "e2e").exists()
@@ -170,6 +177,8 @@ def test_deleting_a_running_job_stops_every_process_it_started(
     top = psutil.Process(state["nodes"][0]["pid"])
     tree = [top, *top.children(recursive=True)]
     assert len(tree) >= 3  # supervisor, agent, worker (and warm standbys)
+    store = psutil.Process(state["store"]["pid"])
+    tree += [store, *store.children(recursive=True)]  # the rendezvous store's supervisor and server
     assert _cli(home, "delete", "forever").returncode == 0
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert alive == []

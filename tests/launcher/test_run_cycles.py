@@ -182,6 +182,38 @@ def test_a_node_that_asks_to_be_replaced_leaves_the_rendezvous_open_for_its_repl
     assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 12
 
 
+def test_with_the_store_apart_the_node_that_would_have_hosted_it_can_be_replaced(
+    stalwart: StalwartRunner, free_port: Any, wait_for: Any, tmp_path: Path
+) -> None:
+    """The local backend's store process (``stalwart.job.store``): node a, group rank 0 and the
+    store's host in the test above, now hands itself over, and its replacement rejoins."""
+    import socket
+    import sys
+
+    port = free_port()
+    job = tmp_path / "job"
+    job.mkdir()
+    stalwart.procs.start([sys.executable, "-m", "stalwart.job.store", str(port), str(job), "2"])
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 60, what="the store")
+    rule = json.dumps(
+        {"name": "sick-gpu", "logPattern": "step 3 loss", "faultOnMatch": True, "action": "replace_node"}
+    )
+    work = stalwart.tiny_args(12, "--step-time", "0.05")
+    a = _agent_on(stalwart, port, "apart", "a", 0, "--log-rule", rule, *work)
+    b = _agent_on(stalwart, port, "apart", "b", 0, *work)
+    out_a = a.communicate(timeout=200)[0]
+    assert a.returncode == 75, out_a[-3000:]
+    a2 = _agent_on(stalwart, port, "apart", "a", 0, *work)  # the orchestrator's replacement
+    outs = [p.communicate(timeout=200)[0] for p in (a2, b)]
+    assert [a2.returncode, b.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 12
+
+
 def test_a_user_error_on_one_node_ends_the_job_with_the_same_code_on_every_node(
     stalwart: StalwartRunner, free_port: Any, tmp_path: Path
 ) -> None:

@@ -272,18 +272,20 @@ def _dry_run(spec: Any, output: str) -> None:
         return
     from stalwart.job.command import job_env, launcher_argv, run_args
 
+    store = [sys.executable, "-m", "stalwart.job.store", "PORT", "JOB_DIR", str(spec.nodes.max)]
     nodes = [
         launcher_argv()
         + run_args(
-            spec, endpoint="127.0.0.1:PORT", is_host=i == 0, local_addr="127.0.0.1", log_dir=f"node-{i}/logs"
+            spec, endpoint="127.0.0.1:PORT", is_host=False, local_addr="127.0.0.1", log_dir=f"node-{i}/logs"
         )
         for i in range(spec.nodes.max)
     ]
     if output == "json":
-        _json({"nodes": nodes, "env": job_env(spec)})
+        _json({"store": store, "nodes": nodes, "env": job_env(spec)})
     else:
         import shlex
 
+        click.echo(f"store: {shlex.join(store)}")
         for i, argv in enumerate(nodes):
             click.echo(f"node-{i}: {shlex.join(argv)}")
 

@@ -1,6 +1,7 @@
 """The local backend: a job as N simulated nodes on this machine, each a detached agent.
 
-Every node runs ``stalwart run`` on 127.0.0.1; node 0 hosts the c10d store (``is_host=1``). With
+Every node runs ``stalwart run`` on 127.0.0.1, joined through a c10d store that a process of its
+own serves (``stalwart.job.store``), so that any node, node 0 included, can be replaced. With
 ``resources.gpus: G`` each node sees its own G GPUs (``CUDA_VISIBLE_DEVICES``); with 0, none.
 State and logs live under the jobs directory (``$STALWART_HOME/jobs``, default
 ``~/.stalwart/jobs``)::
@@ -11,6 +12,7 @@ State and logs live under the jobs directory (``$STALWART_HOME/jobs``, default
                                            fault markers (shared, so a fault fires once per job)
     <jobs>/<name>/node-<i>/out.log         the agent's stdout and stderr (worker lines prefixed)
     <jobs>/<name>/node-<i>/{pid,exit.json} written by ``stalwart.job.node``
+    <jobs>/<name>/store/                   the store's out.log, pid and exit.json
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = ["ENV_HOME", "LocalBackend", "assign_gpus", "default_jobs_dir", "visib
 
 ENV_HOME = "STALWART_HOME"
 _START_TIMEOUT_S = 10.0
+_STORE_TIMEOUT_S = 60.0  # it imports torch; under load that takes seconds
 _STOP_GRACE_S = 10.0
 
 
@@ -231,6 +234,8 @@ class LocalBackend:
             )
             if sys.platform == "linux" and "GLOO_SOCKET_IFNAME" not in spec.env:
                 env["GLOO_SOCKET_IFNAME"] = "lo"  # every simulated node is on this machine
+            store = self._start_store(job_dir, port, spec.nodes.max, env)
+            started.append(store)
             for i in range(spec.nodes.max):
                 node_env = dict(env)
                 if "CUDA_VISIBLE_DEVICES" not in spec.env:  # the user's own choice wins
@@ -242,7 +247,8 @@ class LocalBackend:
                 "port": port,
                 "nodes_spec": f"{spec.nodes} x {spec.nproc_per_node}",
                 "cwd": os.getcwd(),
-                "nodes": started,
+                "store": store,
+                "nodes": started[1:],
             }
             tmp = job_dir / "state.json.tmp"
             tmp.write_text(json.dumps(state, indent=2))
@@ -253,27 +259,50 @@ class LocalBackend:
             raise
         return self.status(spec.name)
 
+    def _start_store(self, job_dir: Path, port: int, nodes: int, env: dict[str, str]) -> dict[str, Any]:
+        """Start the job's rendezvous store and wait until it listens."""
+        argv = [sys.executable, "-m", "stalwart.job.store", str(port), str(job_dir), str(nodes)]
+        store = self._detach("store", job_dir / "store", argv, env, replacements=0)
+        deadline = time.monotonic() + _STORE_TIMEOUT_S
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return store
+            if (job_dir / "store" / EXIT_FILE).exists() or time.monotonic() > deadline:
+                raise JobSubmitError(
+                    f"the job's rendezvous store did not start on port {port}; see "
+                    f"{job_dir / 'store' / 'out.log'}"
+                )
+            time.sleep(0.05)
+
     def _start_node(
         self, spec: JobSpec, job_dir: Path, index: int, port: int, env: dict[str, str]
     ) -> dict[str, Any]:
         name = f"node-{index}"
-        ndir = job_dir / name
-        ndir.mkdir()
         agent = launcher_argv() + run_args(
             spec,
             endpoint=f"127.0.0.1:{port}",
-            is_host=index == 0,
+            is_host=False,  # the store has a process of its own (_start_store)
             local_addr="127.0.0.1",
             log_dir=str(job_dir / "logs"),
             node_name=name,
             torchrun=plain_torchrun(),
         )
         node_env = dict(env, STALWART_NODE=name)
-        replacements = ["--replacements", str(spec.restart.max_restarts)]  # Kubernetes: backoffLimit
-        argv = [sys.executable, "-m", "stalwart.job.node", *replacements, str(ndir), "--", *agent]
+        # a node that hands itself over is replaced up to backoffLimit times, as on Kubernetes
+        return self._detach(name, job_dir / name, agent, node_env, spec.restart.max_restarts)
+
+    @staticmethod
+    def _detach(
+        name: str, ndir: Path, command: list[str], env: dict[str, str], replacements: int
+    ) -> dict[str, Any]:
+        """Run ``command`` as a detached ``stalwart.job.node`` in ``ndir``; its state record."""
+        ndir.mkdir()
+        replace = ["--replacements", str(replacements)]
+        argv = [sys.executable, "-m", "stalwart.job.node", *replace, str(ndir), "--", *command]
         with (ndir / "out.log").open("ab") as out:
             proc = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=node_env,
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 timeout=_START_TIMEOUT_S, check=False,
             )  # fmt: skip
         pid_path = ndir / PID_FILE
@@ -285,7 +314,7 @@ class LocalBackend:
             "name": name,
             "pid": pid,
             "started": p.create_time() if p is not None else None,
-            "argv": agent,
+            "argv": command,
         }
 
     @staticmethod
@@ -397,7 +426,8 @@ class LocalBackend:
 
     def delete(self, name: str) -> None:
         job_dir = self._dir(name)
-        self._kill_nodes(self._state(name)["nodes"])
+        state = self._state(name)
+        self._kill_nodes([*state["nodes"], *([state["store"]] if "store" in state else [])])
         shutil.rmtree(job_dir)
 
     def spec(self, name: str) -> JobSpec:
