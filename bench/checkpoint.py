@@ -48,7 +48,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from crc32c import crc32c
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -292,6 +294,34 @@ def local_cases(bench: Bench, workdir: Path) -> None:
         return timed(both)
 
     bench.run(f"raw read {cold_label}, 2 streams (ceiling)", raw_read, ceiling=None, bytes_=size)
+
+    def raw_read_verified() -> float:
+        """The same reads, 1 MiB at a time, each checksummed while it is in cache: the floor of
+        any load that verifies what it reads (ours must; the target is against the plain read)."""
+        drop_caches([raw])
+
+        def one(i: int) -> None:
+            with open(raw / f"part{i}", "rb", buffering=0) as f:
+                for k in halves[i]:
+                    flat = dst[k].numpy().view(np.uint8)
+                    for at in range(0, flat.size, 1 << 20):
+                        block = flat[at : at + (1 << 20)]
+                        f.readinto(memoryview(block))
+                        crc32c(block)
+
+        def both() -> None:
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+
+        return timed(both)
+
+    bench.run(
+        f"raw read {cold_label} + crc32c, 2 streams (verified ceiling)",
+        raw_read_verified,
+        ceiling=None,
+        bytes_=size,
+    )
     read_ceiling = f"raw read {cold_label}, 2 streams (ceiling)"
     write_ceiling = "raw write O_DIRECT + fsync, 2 streams (ceiling)"
 
@@ -433,7 +463,17 @@ def our_cases(
         drop_caches([root])
         return timed(lambda: durable.load_latest(dst))
 
-    bench.run(f"ours load {cold}", load_cold, ceiling=read_c, bytes_=size)
+    verified_c = f"raw read {cold} + crc32c, 2 streams (verified ceiling)"
+
+    def load_cold_both() -> dict[str, float]:
+        seconds = load_cold()
+        return {f"ours load {cold}": seconds, f"ours load {cold}, against the verified ceiling": seconds}
+
+    bench.run_many(
+        {f"ours load {cold}": read_c, f"ours load {cold}, against the verified ceiling": verified_c},
+        load_cold_both,
+        bytes_=size,
+    )
 
     def check() -> None:
         durable.load_latest(dst)
