@@ -100,6 +100,15 @@ def settle(*paths: Path) -> None:
     os.sync()
 
 
+def in_two_threads(one: Callable[[int], None]) -> None:
+    """Run ``one(0)`` and ``one(1)`` at once (the raw ceilings' two streams)."""
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -225,12 +234,7 @@ def local_cases(bench: Bench, workdir: Path) -> None:
                     f.write(memoryview(state[k].numpy()).cast("B"))
                 os.fsync(f.fileno())
 
-        def both() -> None:
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-            [t.start() for t in threads]
-            [t.join() for t in threads]
-
-        return timed(both)
+        return timed(lambda: in_two_threads(one))
 
     bench.run(
         "raw write + fsync, 2 streams (page cache)",
@@ -263,12 +267,7 @@ def local_cases(bench: Bench, workdir: Path) -> None:
             finally:
                 os.close(fd)
 
-        def both() -> None:
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-            [t.start() for t in threads]
-            [t.join() for t in threads]
-
-        return timed(both)
+        return timed(lambda: in_two_threads(one))
 
     bench.run("raw write O_DIRECT + fsync, 2 streams (ceiling)", raw_write_direct, ceiling=None, bytes_=size)
 
@@ -286,12 +285,7 @@ def local_cases(bench: Bench, workdir: Path) -> None:
                 for k in halves[i]:
                     f.readinto(memoryview(dst[k].numpy()).cast("B"))
 
-        def both() -> None:
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-            [t.start() for t in threads]
-            [t.join() for t in threads]
-
-        return timed(both)
+        return timed(lambda: in_two_threads(one))
 
     bench.run(f"raw read {cold_label}, 2 streams (ceiling)", raw_read, ceiling=None, bytes_=size)
 
@@ -309,12 +303,7 @@ def local_cases(bench: Bench, workdir: Path) -> None:
                         f.readinto(memoryview(block))
                         crc32c(block)
 
-        def both() -> None:
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-            [t.start() for t in threads]
-            [t.join() for t in threads]
-
-        return timed(both)
+        return timed(lambda: in_two_threads(one))
 
     bench.run(
         f"raw read {cold_label} + crc32c, 2 streams (verified ceiling)",

@@ -4,40 +4,22 @@ with a plain model (resharding the DTensor shards into whole tensors)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+from .ranks import run_ranks
+
 WORKER = Path(__file__).parent / "workers" / "fsdp_worker.py"
-REPO = Path(__file__).parents[2]
 
 
 def _run(mode: str, world: int, root: Path, tmp_path: Path) -> None:
     store = tmp_path / f"store-{uuid.uuid4().hex[:6]}"
     args = ["--mode", mode, "--root", str(root), "--store", str(store), "--world", str(world)]
     args += ["--expected", str(tmp_path / "expected.pt")]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), *args, "--rank", str(rank)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for rank in range(world)
-    ]
-    try:
-        outputs = [p.communicate(timeout=180)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
-    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"{mode} rank {rank} of {world} failed:\n{out[-3000:]}"
+    results = run_ranks([[sys.executable, str(WORKER), *args, "--rank", str(r)] for r in range(world)])
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"{mode} rank {rank} of {world} failed:\n{out[-3000:]}"
 
 
 def test_fsdp2_model_and_optimizer_state_save_and_load_on_two_ranks_and_on_one(tmp_path: Path) -> None:

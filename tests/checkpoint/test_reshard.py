@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -15,10 +12,10 @@ import torch
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer
 
+from .ranks import run_ranks
 from .workers.reshard_worker import full_state
 
 WORKER = Path(__file__).parent / "workers" / "reshard_worker.py"
-REPO = Path(__file__).parents[2]
 
 
 def _run_two_ranks(
@@ -27,37 +24,10 @@ def _run_two_ranks(
     store = tmp_path / f"store-{mode}-{uuid.uuid4().hex[:6]}"
     extra = ["--shm", shm] if shm else []
     extra += ["--mirror", str(mirror)] if mirror else []
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                "--mode",
-                mode,
-                "--root",
-                str(root),
-                "--store",
-                str(store),
-                "--rank",
-                str(rank),
-                *extra,
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
-    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{out[-3000:]}"
+    argv = [sys.executable, str(WORKER), "--mode", mode, "--root", str(root), "--store", str(store), *extra]
+    results = run_ranks([[*argv, "--rank", str(rank)] for rank in range(2)], timeout=120)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{out[-3000:]}"
 
 
 def _config() -> CheckpointConfig:

@@ -162,31 +162,38 @@ def _agent_on(stalwart: StalwartRunner, port: int, run_id: str, node: str, host:
     )  # fmt: skip
 
 
+def _replace_and_rejoin(
+    stalwart: StalwartRunner, port: int, run_id: str, sick: str, other: str, hosts: dict
+) -> None:
+    """Node ``sick`` hands itself over at step 3 (exit 75); the other waits in the rendezvous,
+    the orchestrator's replacement joins, and both finish all 12 steps."""
+    rule = json.dumps(
+        {"name": "sick-gpu", "logPattern": "step 3 loss", "faultOnMatch": True, "action": "replace_node"}
+    )
+    work = stalwart.tiny_args(12, "--step-time", "0.05")
+    healthy = _agent_on(stalwart, port, run_id, other, hosts[other], *work)
+    node = _agent_on(stalwart, port, run_id, sick, hosts[sick], "--log-rule", rule, *work)
+    out = node.communicate(timeout=200)[0]
+    assert node.returncode == 75, out[-3000:]
+    replacement = _agent_on(stalwart, port, run_id, sick, hosts[sick], *work)
+    outs = [p.communicate(timeout=200)[0] for p in (healthy, replacement)]
+    assert [healthy.returncode, replacement.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 12
+
+
 def test_a_node_that_asks_to_be_replaced_leaves_the_rendezvous_open_for_its_replacement(
     stalwart: StalwartRunner, free_port: Any
 ) -> None:
     """Exit 75 hands the node to the orchestrator; the other node must wait for the replacement
     (closing the rendezvous would end it with exit 1, which fails a Kubernetes job at once)."""
-    port = free_port()
-    rule = json.dumps(
-        {"name": "sick-gpu", "logPattern": "step 3 loss", "faultOnMatch": True, "action": "replace_node"}
-    )
-    work = stalwart.tiny_args(12, "--step-time", "0.05")
-    a = _agent_on(stalwart, port, "replace", "a", 1, *work)
-    b = _agent_on(stalwart, port, "replace", "b", 0, "--log-rule", rule, *work)
-    out_b = b.communicate(timeout=200)[0]
-    assert b.returncode == 75, out_b[-3000:]
-    b2 = _agent_on(stalwart, port, "replace", "b", 0, *work)  # the orchestrator's replacement
-    outs = [p.communicate(timeout=200)[0] for p in (a, b2)]
-    assert [a.returncode, b2.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
-    assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 12
+    _replace_and_rejoin(stalwart, free_port(), "replace", "b", "a", {"a": 1, "b": 0})  # a hosts the store
 
 
 def test_with_the_store_apart_the_node_that_would_have_hosted_it_can_be_replaced(
     stalwart: StalwartRunner, free_port: Any, wait_for: Any, tmp_path: Path
 ) -> None:
-    """The local backend's store process (``stalwart.job.store``): node a, group rank 0 and the
-    store's host in the test above, now hands itself over, and its replacement rejoins."""
+    """The local backend's store process (``stalwart.job.store``): node a, the store's host in the
+    test above, now hands itself over, and its replacement rejoins."""
     import socket
     import sys
 
@@ -200,18 +207,7 @@ def test_with_the_store_apart_the_node_that_would_have_hosted_it_can_be_replaced
             return s.connect_ex(("127.0.0.1", port)) == 0
 
     wait_for(listening, 60, what="the store")
-    rule = json.dumps(
-        {"name": "sick-gpu", "logPattern": "step 3 loss", "faultOnMatch": True, "action": "replace_node"}
-    )
-    work = stalwart.tiny_args(12, "--step-time", "0.05")
-    a = _agent_on(stalwart, port, "apart", "a", 0, "--log-rule", rule, *work)
-    b = _agent_on(stalwart, port, "apart", "b", 0, *work)
-    out_a = a.communicate(timeout=200)[0]
-    assert a.returncode == 75, out_a[-3000:]
-    a2 = _agent_on(stalwart, port, "apart", "a", 0, *work)  # the orchestrator's replacement
-    outs = [p.communicate(timeout=200)[0] for p in (a2, b)]
-    assert [a2.returncode, b.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
-    assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 12
+    _replace_and_rejoin(stalwart, port, "apart", "a", "b", {"a": 0, "b": 0})
 
 
 def test_a_user_error_on_one_node_ends_the_job_with_the_same_code_on_every_node(
