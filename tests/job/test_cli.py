@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,22 @@ def test_a_node_that_hands_itself_over_is_replaced_up_to_the_limit(
     record = json.loads((node / "exit.json").read_text())
     assert (record["returncode"], record["replacements"]) == (final, replaced)
     assert runs.read_text() == "x" * (replaced + 1)
+
+
+def test_the_store_counts_a_node_finished_once_it_exited_or_its_supervisor_is_gone(tmp_path: Path) -> None:
+    from stalwart.job.store import _finished
+
+    dead = subprocess.Popen(["true"])  # reaped below: its pid is free again
+    dead.wait()
+    cases = {"exited": None, "killed": dead.pid, "running": os.getpid(), "starting": None}
+    for name, pid in cases.items():
+        (tmp_path / name).mkdir()
+        if pid is not None:
+            (tmp_path / name / "pid").write_text(str(pid))
+    (tmp_path / "exited" / "exit.json").write_text('{"returncode": 0}')
+    assert {name: _finished(tmp_path / name) for name in cases} == {
+        "exited": True,
+        "killed": True,
+        "running": False,
+        "starting": False,
+    }

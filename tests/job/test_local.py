@@ -49,8 +49,9 @@ def home(tmp_path: Path) -> Iterator[Path]:
     home = tmp_path / "home"
     yield home
     jobs = home / "jobs"
-    for state in jobs.glob("*/state.json") if jobs.is_dir() else []:
-        LocalBackend._kill_nodes(json.loads(state.read_text())["nodes"], grace=2.0)
+    for path in jobs.glob("*/state.json") if jobs.is_dir() else []:
+        state = json.loads(path.read_text())
+        LocalBackend._kill_nodes([*state["nodes"], state["store"]], grace=2.0)
 
 
 def _cli(

@@ -1,8 +1,8 @@
 """A local job's rendezvous store, kept apart from its nodes.
 
 ``python -m stalwart.job.store PORT JOB_DIR NODES`` serves a c10d ``TCPStore`` on PORT until
-every node of the job has finished (each ``JOB_DIR/node-<i>/exit.json`` exists), or until it is
-stopped. The local backend starts it (detached, through ``stalwart.job.node``) before the nodes,
+every node of the job has finished (each ``JOB_DIR/node-<i>`` has its ``exit.json``, or its
+supervisor is gone), or until it is stopped. The local backend starts it (detached, through ``stalwart.job.node``) before the nodes,
 which all join it as clients (``--rdzv-conf is_host=0``). A node that hands itself over and is
 replaced, node 0 included, then takes nothing with it: the others wait in the rendezvous for the
 replacement, and the job-wide restart budget lives on. (On Kubernetes the first pod still hosts
@@ -11,26 +11,44 @@ the store; a store outside the pods, such as etcd, does the same there.)
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
-from stalwart.job.node import EXIT_FILE
+from stalwart.job.node import EXIT_FILE, PID_FILE
 
 __all__ = ["serve"]
 
 
 def serve(port: int, job_dir: Path, nodes: int, poll_s: float = 0.5) -> int:
-    """Serve the store until every node has written its exit record."""
+    """Serve the store until every node has finished (see ``_finished``)."""
     from torch.distributed import TCPStore  # here, not at import: the CLI stays light
 
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     print(f"stalwart: the job's rendezvous store listens on port {port}", flush=True)
-    records = [job_dir / f"node-{i}" / EXIT_FILE for i in range(nodes)]
-    while not all(record.exists() for record in records):
+    node_dirs = [job_dir / f"node-{i}" for i in range(nodes)]
+    while not all(_finished(d) for d in node_dirs):
         time.sleep(poll_s)  # nodes finish in seconds to days; a cheap stat twice a second
     del store
     return 0
+
+
+def _finished(node_dir: Path) -> bool:
+    """The node wrote its exit record, or its supervisor is gone without one (killed)."""
+    if (node_dir / EXIT_FILE).exists():
+        return True
+    try:
+        pid = int((node_dir / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return False  # not started yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True  # killed before it could write one
+    except PermissionError:
+        pass  # alive, under another user
+    return False
 
 
 def main(argv: list[str]) -> int:
