@@ -5,18 +5,15 @@ real ``stalwart run`` agent turns them into its event log and its ``/metrics``."
 from __future__ import annotations
 
 import json
-import os
-import queue
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from stalwart.worker.api import ENV_REPORT_SOCKET, Report
-from stalwart.worker.channel import ReportReceiver
+from stalwart.worker.api import Report
+
+from .agent_socket import reports_of
 
 StalwartRunner = Any  # the ``stalwart`` fixture's type (tests/conftest.py)
 
@@ -57,18 +54,8 @@ def _events(reports: list[Report]) -> list[dict[str, Any]]:
 
 
 def test_a_workers_checkpoints_are_reported_to_its_agent_as_events(tmp_path: Path) -> None:
-    got: queue.Queue[Report] = queue.Queue()
-    receiver = ReportReceiver(str(tmp_path / "agent.sock"), got.put)
-    receiver.start()
-    try:
-        env = dict(os.environ, **{ENV_REPORT_SOCKET: receiver.path})
-        root = tmp_path / "ckpt"
-        subprocess.run([sys.executable, "-c", SCRIPT, str(root)], env=env, check=True, timeout=120)
-        reports = []
-        while not got.empty():
-            reports.append(got.get_nowait())
-    finally:
-        receiver.stop()
+    root = tmp_path / "ckpt"
+    reports = reports_of(tmp_path, SCRIPT, str(root))
     events = _events(reports)
     assert [e["event"] for e in events] == [
         "checkpoint_saved",

@@ -216,7 +216,7 @@ class LocalBackend:
                 f"a local job named {spec.name!r} already exists in {self.jobs_dir}; "
                 f"delete it with `stalwart job delete {spec.name}` or pick another name"
             ) from None
-        started: list[dict[str, Any]] = []
+        started: list[dict[str, Any]] = []  # the store first, then the nodes
         try:
             spec = spec.model_copy(update={"script": str(script.resolve())})
             (job_dir / "job.yaml").write_text(yaml.safe_dump(spec.dump(), sort_keys=False))
@@ -234,8 +234,7 @@ class LocalBackend:
             )
             if sys.platform == "linux" and "GLOO_SOCKET_IFNAME" not in spec.env:
                 env["GLOO_SOCKET_IFNAME"] = "lo"  # every simulated node is on this machine
-            store = self._start_store(job_dir, port, spec.nodes.max, env)
-            started.append(store)
+            started.append(self._start_store(job_dir, port, spec.nodes.max, env))
             for i in range(spec.nodes.max):
                 node_env = dict(env)
                 if "CUDA_VISIBLE_DEVICES" not in spec.env:  # the user's own choice wins
@@ -247,7 +246,7 @@ class LocalBackend:
                 "port": port,
                 "nodes_spec": f"{spec.nodes} x {spec.nproc_per_node}",
                 "cwd": os.getcwd(),
-                "store": store,
+                "store": started[0],
                 "nodes": started[1:],
             }
             tmp = job_dir / "state.json.tmp"

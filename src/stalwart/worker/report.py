@@ -82,10 +82,15 @@ class _Sender:
         data = (
             f'{self.prefix}"step":{step},"time":{time.time()!r},"loss":{loss_text},"metrics":{metrics_text}}}'
         )
+        self.send_raw(data.encode())
+
+    def send_raw(self, data: bytes) -> None:
+        if self.sock is None or self.path is None:
+            return
         try:
-            self.sock.sendto(data.encode(), self.path)
+            self.sock.sendto(data, self.path)
         except OSError:
-            pass  # agent gone, restarting, or its buffer full: progress reports are best effort
+            pass  # agent gone, restarting, or its buffer full: reports and events are best effort
 
 
 _sender = _Sender()
@@ -142,10 +147,7 @@ def event(name: str, **fields: Any) -> None:
         generation=_sender.generation,
         event={**fields, "event": name},
     )
-    try:
-        _sender.sock.sendto(record.encode(), _sender.path)
-    except OSError:
-        pass
+    _sender.send_raw(record.encode())
 
 
 def _on_exit() -> None:
