@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import mmap
+import os
 import threading
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from stalwart.checkpoint import Checkpointer
+from stalwart.checkpoint import CheckpointConfig, Checkpointer, loader
 from stalwart.checkpoint.format import CHUNK_BYTES, crc_slices, crc_slices_copy
 from stalwart.checkpoint.storage_posix import PosixStorage
 from stalwart.errors import CheckpointError
+
+from .servers import CREDENTIALS, S3Server
 
 
 def _aligned(nbytes: int, seed: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -93,3 +98,82 @@ def test_blocking_save_round_trips_through_the_pipelined_path(tmp_path: Path, co
     assert loader.load_latest(fresh) == 1
     loader.close()
     assert all(torch.equal(fresh[k], v) for k, v in state.items())
+
+
+def _staged_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Send CPU targets down the device path (this machine has no GPU) with an odd staging size,
+    so reads straddle neither the buffers' nor the checksum slices' edges by luck; the bytes each
+    staged read carried are recorded."""
+    carried: list[int] = []
+    real = loader._read_staged
+
+    def counting(source: Any, file: str, chunk: Any, into: Any, stager: Any) -> None:
+        carried.append(into.size)
+        real(source, file, chunk, into, stager)
+
+    monkeypatch.setattr(loader, "_direct", lambda local: False)
+    monkeypatch.setattr(loader, "_STAGE_BYTES", (1 << 20) + 4099)
+    monkeypatch.setattr(loader, "_read_staged", counting)
+    return carried
+
+
+def _large_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "big": torch.randn((CHUNK_BYTES + (3 << 20) + 12) // 4, generator=g),  # two checksum slices
+        "half": torch.randn(12345, generator=g).to(torch.bfloat16),
+        "empty": torch.empty(0, 3),
+    }
+
+
+@pytest.mark.parametrize("where", ["posix", "s3"])
+def test_device_targets_stream_through_staging_buffers_and_are_verified(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    moto: S3Server,
+    where: str,
+) -> None:
+    carried = _staged_everywhere(monkeypatch)
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+    if where == "posix":
+        ck = Checkpointer(str(tmp_path / "ck"), config)
+    else:  # no checksum-as-it-reads there: each read's checksum continues the slice's
+        bucket = moto.make_bucket(f"staged-{uuid.uuid4().hex[:8]}")
+        ck = Checkpointer(f"s3://{bucket}/ck", config, endpoint_url=moto.endpoint, **CREDENTIALS)
+    ck.save(1, _large_state(1), blocking=True)
+    ck.save(2, _large_state(2), blocking=True)
+    target = {k: torch.zeros_like(v) for k, v in _large_state(0).items()}
+    assert ck.load_latest(target) == 2
+    for k, v in _large_state(2).items():
+        assert torch.equal(target[k], v), k
+    assert sorted(carried) == sorted(v.numel() * v.element_size() for v in target.values() if v.numel())
+
+    # a byte flipped in the big tensor's second checksum slice: step 2 fails, step 1 loads
+    shard = "ck/step-000000002/rank-00000.safetensors"
+    if where == "posix":
+        with open(tmp_path / shard, "r+b") as f:
+            f.seek(-(1 << 20), os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-(1 << 20), os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0x10]))
+    else:
+        client = moto.client()
+        raw = bytearray(client.get_object(Bucket=bucket, Key=shard)["Body"].read())
+        raw[-(1 << 20)] ^= 0x10
+        client.put_object(Bucket=bucket, Key=shard, Body=bytes(raw))
+    assert ck.load_latest(target) == 1
+    for k, v in _large_state(1).items():
+        assert torch.equal(target[k], v), k
+    assert "step-000000002/rank-00000.safetensors fails its checksum" in caplog.text
+    ck.close()
+
+
+def test_read_checked_continues_a_checksum_from_its_seed(tmp_path: Path) -> None:
+    storage = PosixStorage(str(tmp_path), direct=False)
+    payload = np.random.default_rng(4).integers(0, 256, 3 << 20, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    first, rest = np.empty(1000, np.uint8), np.empty(payload.size - 1000, np.uint8)
+    (seed,) = storage.read_checked("f.bin", 0, first)
+    assert storage.read_checked("f.bin", 1000, rest, seed) == crc_slices(payload)
+    storage.close()

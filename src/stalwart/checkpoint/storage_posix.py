@@ -172,18 +172,19 @@ class PosixStorage:
         finally:
             os.close(fd)
 
-    def read_checked(self, path: str, offset: int, buf: np.ndarray) -> list[int]:
+    def read_checked(self, path: str, offset: int, buf: np.ndarray, seed: int = 0) -> list[int]:
         """Read ``buf`` from ``offset`` in cache-sized blocks, checksumming each block while it is
-        still in cache: ``crc_slices(buf)`` without a second pass over memory. Runs in the caller's
+        still in cache: ``crc_slices(buf)`` without a second pass over memory (the first slice's
+        checksum extends ``seed``, the checksum of the bytes before it). Runs in the caller's
         thread (callers read several chunks in parallel)."""
         target = self._abs(path)
         fd = os.open(target, os.O_RDONLY)
         try:
             if buf.size == 0:
-                return [0]
+                return [seed]
             crcs: list[int] = []
             for start in range(0, buf.size, CHUNK_BYTES):
-                crc = 0
+                crc = seed if start == 0 else 0
                 end = min(start + CHUNK_BYTES, buf.size)
                 for i in range(start, end, _CHECKED_BLOCK):
                     block = buf[i : min(i + _CHECKED_BLOCK, end)]
