@@ -21,7 +21,12 @@ from kubernetes import client
 SCHEMAS = Path(__file__).parent / "schemas"
 K8S_VERSION = "1.33"
 
-_MODELS = {"Job": client.V1Job, "Service": client.V1Service, "PodTemplate": client.V1PodTemplate}
+_MODELS = {
+    "Job": client.V1Job,
+    "Service": client.V1Service,
+    "Deployment": client.V1Deployment,
+    "PodTemplate": client.V1PodTemplate,
+}
 
 
 def _strict(schema: Any) -> Any:

@@ -67,10 +67,15 @@ def test_create_dry_run_prints_valid_manifests_and_creates_nothing(
     base = ("create", "-f", path, "--dry-run", "--backend", "kubernetes", "--image", "stalwart:cpu")
     assert run(*base, "--flavour", "hyperpod") == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["Service", "HyperPodPyTorchJob"]
+    assert [d["kind"] for d in docs] == ["Service", "Deployment", "Service", "HyperPodPyTorchJob"]
     assert all(validate_manifest(d) == [] for d in docs)
     assert run(*base, "--flavour", "batch", "-o", "json") == 0
-    assert [d["kind"] for d in json.loads(capsys.readouterr().out)] == ["Service", "Job"]
+    assert [d["kind"] for d in json.loads(capsys.readouterr().out)] == [
+        "Service",
+        "Deployment",
+        "Service",
+        "Job",
+    ]
     assert run(*base[:-2]) == 2  # kubernetes without an image
     assert "image: required for the kubernetes backend" in capsys.readouterr().err
     assert run("create", "-f", path, "--dry-run", "--nodes", "2") == 0

@@ -113,6 +113,8 @@ def _get(api: client.ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
     kind, name = obj["kind"], obj["metadata"]["name"]
     if kind == "Service":
         return api.sanitize_for_serialization(client.CoreV1Api(api).read_namespaced_service(name, NS))
+    if kind == "Deployment":
+        return api.sanitize_for_serialization(client.AppsV1Api(api).read_namespaced_deployment(name, NS))
     if kind == "Job":
         return api.sanitize_for_serialization(client.BatchV1Api(api).read_namespaced_job(name, NS))
     group, version = obj["apiVersion"].split("/")
@@ -163,9 +165,30 @@ def test_a_failed_submission_rolls_back_what_it_created(
     job = Job.from_dict(_spec(full_spec, "batch"), backend=_backend(emulator))
     with pytest.raises(JobSubmitError, match="creating Job/llama-ft failed: 500"):
         job.create()
-    with pytest.raises(client.exceptions.ApiException) as info:
-        client.CoreV1Api(emulator.api()).read_namespaced_service("llama-ft", NS)
-    assert info.value.status == 404  # the Service created first was deleted again
+    for made_before in job.manifests()[:-1]:  # the store's Service and Deployment, the headless Service
+        with pytest.raises(client.exceptions.ApiException) as info:
+            _get(emulator.api(), made_before)
+        assert info.value.status == 404, made_before["kind"]  # deleted again
+
+
+def test_the_rendezvous_store_becomes_part_of_the_job_so_it_goes_with_it(
+    emulator: Emulator, full_spec: dict[str, Any]
+) -> None:
+    # the emulator assigns no uid; a real API server answers the create with one
+    made = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "llama-ft", "namespace": NS, "uid": "5e1f-uid"},
+    }
+    emulator.react(f"post /apis/batch/v1/namespaces/{NS}/jobs", made)
+    job = Job.from_dict(_spec(full_spec, "batch"), backend=_backend(emulator))
+    job.create()
+    api = emulator.api()
+    for obj in job.manifests()[:2]:
+        assert obj["metadata"]["name"] == "llama-ft-rdzv"
+        refs = _get(api, obj)["metadata"]["ownerReferences"]
+        assert refs == [{"apiVersion": "batch/v1", "kind": "Job", "name": "llama-ft", "uid": "5e1f-uid"}]
+    assert "ownerReferences" not in _get(api, job.manifests()[2])["metadata"]  # the nodes' own Service
 
 
 def test_status_describe_and_logs_follow_what_the_cluster_reports(
@@ -203,11 +226,23 @@ def test_status_describe_and_logs_follow_what_the_cluster_reports(
             kmock.headers({"Content-Type": "text/plain"}),
             kmock.body(text.encode()),
         )
+    store_pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "llama-ft-rdzv-7c9f",
+            "labels": {"stalwart.dev/job": "llama-ft", "stalwart.dev/role": "rdzv-store"},
+        },
+        "spec": {"containers": [{"name": "store", "image": "x"}]},
+        "status": {"phase": "Running"},
+    }
+    client.CoreV1Api(api).create_namespaced_pod(NS, store_pod)
     status = job.status()
     assert (status.state, status.restarts) == (JobState.RUNNING, 2)
     d = job.describe()
-    assert [n.name for n in d.node_states] == ["llama-ft-pod-0", "llama-ft-pod-1"]
+    assert [n.name for n in d.node_states] == ["llama-ft-pod-0", "llama-ft-pod-1", "llama-ft-rdzv-7c9f"]
     assert d.node_states[1].detail == "Running, 1 container restarts"
+    assert d.node_states[2].detail == "rendezvous store, Running, 0 container restarts"
     # the agents' recovery events, read back from the pods' logs (stalwart run --log-events)
     assert "incident -> generation 1" in d.timeline and "llama-ft-pod-1" in d.timeline
     assert [h["node"] for h in d.history if "node" in h] == ["llama-ft-pod-0", "llama-ft-pod-1"]

@@ -124,12 +124,15 @@ def test_every_pod_runs_stalwart_run_with_the_flavours_rendezvous(
         ("batch", "llama-ft-0.llama-ft"),
     ],
 )
-def test_the_rendezvous_host_is_the_first_pods_dns_name(
+def test_with_store_first_node_the_rendezvous_host_is_the_first_pods_dns_name(
     flavour: str, host: str, full_spec: dict[str, Any]
 ) -> None:
-    spec = _spec(full_spec, flavour)
+    spec = _spec({**full_spec, "rendezvous": {"store": "first-node"}}, flavour)
     assert endpoint(spec) == f"{host}:29400"
     objects = render(spec)
+    assert not [o for o in objects if o["kind"] == "Deployment"]
+    args = _pod_templates(objects[-1])[0]["spec"]["containers"][0]["args"]
+    assert "--rdzv-conf" not in args  # the first pod hosts it: torch's hostname match decides
     if "." in host:  # a pod hostname under a subdomain: something must publish that subdomain
         services = [o for o in objects if o["kind"] == "Service"]
         jobsets = [o for o in objects if o["kind"] == "JobSet"]
@@ -145,6 +148,37 @@ def test_the_rendezvous_host_is_the_first_pods_dns_name(
             }
     override = _spec({**full_spec, "rendezvous": {"endpoint": "etcd.infra:2379"}}, flavour)
     assert "etcd.infra:2379" in _pod_templates(render(override)[-1])[0]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_by_default_the_rendezvous_store_has_a_pod_of_its_own_and_every_node_is_a_client(
+    flavour: str, full_spec: dict[str, Any]
+) -> None:
+    spec = _spec(full_spec, flavour)
+    objects = render(spec)
+    service, deployment = objects[0], objects[1]
+    assert (service["kind"], deployment["kind"]) == ("Service", "Deployment")  # up before the nodes
+    assert service["metadata"]["name"] == deployment["metadata"]["name"] == "llama-ft-rdzv"
+    assert endpoint(spec) == "llama-ft-rdzv:29400"
+    assert service["spec"]["ports"] == [{"name": "rdzv", "port": 29400, "targetPort": 29400}]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for selector in (service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= pod_labels.items()
+    assert pod_labels["stalwart.dev/role"] == "rdzv-store"
+    assert not any(k.startswith("kueue.x-k8s.io") for k in pod_labels)  # not queued with the job
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    store = pod["containers"][0]
+    assert store["command"] == ["python3", "-m", "stalwart.job.store", "29400"]
+    assert store["image"] == full_spec["image"]
+    assert "nvidia.com/gpu" not in json.dumps(store["resources"])
+    assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == "ml.p5.48xlarge"
+    for template in _pod_templates(objects[-1]):
+        args = template["spec"]["containers"][0]["args"]
+        assert args[args.index("--rdzv-conf") + 1] == "is_host=0"
+        assert args[args.index("--rdzv-endpoint") + 1] == "llama-ft-rdzv:29400"
+    explicit = render(_spec({**full_spec, "rendezvous": {"endpoint": "etcd.infra:2379"}}, flavour))
+    assert not [o for o in explicit if o["kind"] == "Deployment"]
 
 
 @pytest.mark.parametrize("flavour", ["jobset", "batch"])

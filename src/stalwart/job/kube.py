@@ -2,7 +2,9 @@
 
 ``create`` renders the job (render.py), checks the name is free, then creates the objects in
 order and deletes the ones already made if a later one fails: a failed submission leaves no
-orphans. Jobs are found again by the labels every object carries (``stalwart.dev/job``).
+orphans. Jobs are found again by the labels every object carries (``stalwart.dev/job``). The
+rendezvous store's Service and Deployment (``<job>-rdzv``) are then made dependents of the job's
+main object, so that the cluster's garbage collector removes them with it however it is deleted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from stalwart.job.api import (
     NodeStatus,
     parse_log_line,
 )
-from stalwart.job.render import LABEL_JOB, LABEL_MANAGED, render
+from stalwart.job.render import LABEL_JOB, LABEL_MANAGED, LABEL_ROLE, render, store_name
 from stalwart.job.spec import JobSpec
 
 __all__ = ["KINDS", "KubernetesBackend"]
@@ -136,22 +138,54 @@ class KubernetesBackend:
             f"no stalwart job named {name!r} in namespace {self.namespace!r}; see `stalwart job list --backend kubernetes`"
         )
 
-    def _create_one(self, obj: dict[str, Any]) -> None:
+    def _create_one(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create ``obj``; what the API server made of it."""
         from kubernetes import client
 
         kind, ns = obj["kind"], obj["metadata"]["namespace"]
         if kind == "Service":
-            self._call("create a Service", client.CoreV1Api(self.api).create_namespaced_service, ns, obj)
+            made = self._call(
+                "create a Service", client.CoreV1Api(self.api).create_namespaced_service, ns, obj
+            )
+        elif kind == "Deployment":
+            made = self._call(
+                "create a Deployment", client.AppsV1Api(self.api).create_namespaced_deployment, ns, obj
+            )
         elif kind == "Job":
-            self._call("create a Job", client.BatchV1Api(self.api).create_namespaced_job, ns, obj)
+            made = self._call("create a Job", client.BatchV1Api(self.api).create_namespaced_job, ns, obj)
         else:
             group, version = obj["apiVersion"].split("/")
             plural = next(p for g, v, p, k in KINDS.values() if k == kind)
-            self._call(
+            made = self._call(
                 f"create a {kind}",
                 client.CustomObjectsApi(self.api).create_namespaced_custom_object,
                 group, version, ns, plural, obj,
             )  # fmt: skip
+        out = made if isinstance(made, dict) else self.api.sanitize_for_serialization(made)
+        return out if isinstance(out, dict) else {}
+
+    def _own(self, dependents: list[dict[str, Any]], owner: dict[str, Any]) -> None:
+        """Make ``dependents`` (the store's objects) owned by ``owner`` (the job's main object)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        uid = (owner.get("metadata") or {}).get("uid")
+        if not uid or not dependents:
+            return  # an API server that assigns no uid (an emulator): delete() still removes them
+        meta = owner["metadata"]
+        ref = {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"], "uid": uid}
+        patch = [{"op": "add", "path": "/metadata/ownerReferences", "value": [ref]}]
+        for obj in dependents:
+            kind, name, ns = obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]
+            api: Any = client.CoreV1Api(self.api) if kind == "Service" else client.AppsV1Api(self.api)
+            fn = api.patch_namespaced_service if kind == "Service" else api.patch_namespaced_deployment
+            try:
+                self._call(f"make {kind}/{name} part of the job", fn, name, ns, patch)
+            except ApiException as exc:
+                raise JobSubmitError(
+                    f"making {kind}/{name} part of {owner['kind']}/{meta['name']} failed: "
+                    f"{exc.status} {exc.reason}"
+                ) from None
 
     def _delete_one(self, obj: dict[str, Any], missing_ok: bool = True) -> bool:
         from kubernetes import client
@@ -162,6 +196,11 @@ class KubernetesBackend:
         try:
             if kind == "Service":
                 self._call("delete a Service", client.CoreV1Api(self.api).delete_namespaced_service, name, ns)
+            elif kind == "Deployment":
+                self._call(
+                    "delete a Deployment",
+                    client.AppsV1Api(self.api).delete_namespaced_deployment, name, ns, body=body,
+                )  # fmt: skip
             elif kind == "Job":
                 self._call(
                     "delete a Job", client.BatchV1Api(self.api).delete_namespaced_job, name, ns, body=body
@@ -197,10 +236,11 @@ class KubernetesBackend:
                     f"delete it with `stalwart job delete {spec.name} --backend kubernetes` or pick another name"
                 )
         created: list[dict[str, Any]] = []
+        made: dict[str, Any] = {}
         try:
             for obj in objects:
                 try:
-                    self._create_one(obj)
+                    made = self._create_one(obj)
                 except ApiException as exc:
                     what = f"{obj['kind']}/{obj['metadata']['name']}"
                     if exc.status == 409:
@@ -215,6 +255,8 @@ class KubernetesBackend:
                         ) from None
                     raise JobSubmitError(f"creating {what} failed: {exc.status} {exc.reason}") from None
                 created.append(obj)
+            store = [o for o in objects if (o["metadata"].get("labels") or {}).get(LABEL_ROLE)]
+            self._own(store, made)  # made: the main object, created last
         except BaseException:
             for obj in reversed(created):
                 try:
@@ -316,12 +358,19 @@ class KubernetesBackend:
         mine = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_JOB) == name]
         return sorted(mine, key=lambda p: p["metadata"]["name"])
 
+    def _node_pods(self, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The job's node pods, and its rendezvous store's pods."""
+        pods = self._pods(name)
+        store = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE)]
+        return [p for p in pods if p not in store], store
+
     def describe(self, name: str) -> JobDescription:
         flavour, obj = self._find(name)
         status = self._to_status(name, flavour, obj)
         nodes = []
         history = []
-        for pod in self._pods(name):
+        node_pods, store_pods = self._node_pods(name)
+        for pod in [*node_pods, *store_pods]:
             phase = (pod.get("status") or {}).get("phase", "Unknown")
             state = {
                 "Pending": JobState.PENDING,
@@ -332,8 +381,11 @@ class KubernetesBackend:
             restarts = sum(
                 c.get("restartCount", 0) for c in (pod.get("status") or {}).get("containerStatuses") or []
             )
+            role = "rendezvous store, " if pod in store_pods else ""
             nodes.append(
-                NodeStatus(pod["metadata"]["name"], state, detail=f"{phase}, {restarts} container restarts")
+                NodeStatus(
+                    pod["metadata"]["name"], state, detail=f"{role}{phase}, {restarts} container restarts"
+                )
             )
         for cond in (obj.get("status") or {}).get("conditions") or []:
             history.append(
@@ -360,7 +412,7 @@ class KubernetesBackend:
 
         core = client.CoreV1Api(self.api)
         events = []
-        for pod in self._pods(name):
+        for pod in self._node_pods(name)[0]:
             try:
                 text = core.read_namespaced_pod_log(pod["metadata"]["name"], self.namespace)
             except (ApiException, OSError):
@@ -391,7 +443,7 @@ class KubernetesBackend:
         from kubernetes import client
 
         self._find(name)
-        pods = [p["metadata"]["name"] for p in self._pods(name)]
+        pods = [p["metadata"]["name"] for p in self._node_pods(name)[0]]
         if node is not None:
             chosen = [p for p in pods if p == node] or (
                 [pods[int(node)]] if node.isdigit() and int(node) < len(pods) else []
@@ -444,6 +496,10 @@ class KubernetesBackend:
         self._delete_one({**spec, "metadata": {"name": name, "namespace": self.namespace}}, missing_ok=False)
         if flavour in ("hyperpod", "batch"):  # their headless Service
             self._delete_one({"kind": "Service", "metadata": {"name": name, "namespace": self.namespace}})
+        for kind in ("Deployment", "Service"):  # the rendezvous store, when it has a pod of its own
+            self._delete_one(
+                {"kind": kind, "metadata": {"name": store_name(name), "namespace": self.namespace}}
+            )
 
 
 def _nodes_of(flavour: str, spec: dict[str, Any]) -> str:

@@ -10,8 +10,12 @@ jobset     JobSet (jobset.x-k8s.io/v1alpha2), one indexed Job, DNS hostnames    
 batch      indexed batch/v1 Job + headless Service (no operator needed)           <job>-0.<job>
 ========== ==================================================================== ======================
 
-``rendezvous.endpoint`` in the spec replaces the default. Renderers are pure: spec in, list of
-plain dicts out.
+The endpoints above are ``rendezvous.store: first-node``. By default (``store: pod``) every
+flavour also gets ``<job>-rdzv``, a one-pod Deployment serving the c10d store and a Service in
+front of it: the endpoint is ``<job>-rdzv:<port>`` and every node joins as a client, so replacing
+any node, the first included, leaves the store and the job-wide restart budget in place.
+``rendezvous.endpoint`` in the spec replaces both. Renderers are pure: spec in, list of plain
+dicts out, the flavour's main object last.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from typing import Any
 from stalwart.job.command import hyperpod_rule, job_env, run_args
 from stalwart.job.spec import JobSpec
 
-__all__ = ["LABEL_JOB", "LABEL_MANAGED", "RENDERERS", "endpoint", "render"]
+__all__ = ["LABEL_JOB", "LABEL_MANAGED", "LABEL_ROLE", "RENDERERS", "endpoint", "render", "store_name"]
 
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 LABEL_JOB = "stalwart.dev/job"
 LABEL_FLAVOUR = "stalwart.dev/flavour"
+LABEL_ROLE = "stalwart.dev/role"
+ROLE_STORE = "rdzv-store"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"
 KUEUE_PREFERRED = "kueue.x-k8s.io/podset-preferred-topology"
@@ -59,11 +65,22 @@ def _meta(spec: JobSpec, name: str | None = None) -> dict[str, Any]:
     return {"name": name or spec.name, "namespace": spec.kubernetes.namespace, "labels": _labels(spec)}
 
 
+def store_name(job: str) -> str:
+    """The name of the Deployment and the Service of ``job``'s rendezvous store."""
+    return f"{job}-rdzv"
+
+
+def _own_store(spec: JobSpec) -> bool:
+    return spec.rendezvous.endpoint is None and spec.rendezvous.store == "pod"
+
+
 def endpoint(spec: JobSpec) -> str:
     """The c10d rendezvous endpoint the pods of ``spec``'s flavour use."""
     if spec.rendezvous.endpoint:
         return spec.rendezvous.endpoint
     name, port = spec.name, spec.rendezvous.port
+    if _own_store(spec):
+        return f"{store_name(name)}:{port}"
     host = {
         "hyperpod": f"{name}-pod-0.{name}",
         "pytorchjob": f"{name}-worker-0",
@@ -107,7 +124,13 @@ def _container(spec: JobSpec, name: str) -> dict[str, Any]:
         "image": spec.image or "",
         "command": ["stalwart", "run"],
         # $(STALWART_NODE) is expanded by the kubelet from the env below: the pod's name.
-        "args": run_args(spec, endpoint=endpoint(spec), node_name="$(STALWART_NODE)", log_events=True),
+        "args": run_args(
+            spec,
+            endpoint=endpoint(spec),
+            is_host=False if _own_store(spec) else None,  # None: torch's hostname match decides
+            node_name="$(STALWART_NODE)",
+            log_events=True,
+        ),
         "env": env,
         "ports": [{"name": "rdzv", "containerPort": spec.rendezvous.port, "protocol": "TCP"}],
     }
@@ -180,6 +203,55 @@ def _headless_service(spec: JobSpec) -> Manifest:
             "ports": [{"name": "rdzv", "port": spec.rendezvous.port, "targetPort": spec.rendezvous.port}],
         },
     }
+
+
+def _store_objects(spec: JobSpec) -> list[Manifest]:
+    """The rendezvous store's Service and one-pod Deployment (``python3 -m stalwart.job.store``).
+
+    No Kueue labels: the store is not queued with the job. It is scheduled like the nodes
+    (``nodeSelector``, service account), asks for a quarter of a CPU, and is ready once it listens.
+    """
+    name, port = store_name(spec.name), spec.rendezvous.port
+    selector = {LABEL_JOB: spec.name, LABEL_ROLE: ROLE_STORE}
+    labels = {LABEL_MANAGED: "stalwart", LABEL_FLAVOUR: spec.kubernetes.flavour, **selector}
+    meta = {"name": name, "namespace": spec.kubernetes.namespace, "labels": labels}
+    container: dict[str, Any] = {
+        "name": "store",
+        "image": spec.image or "",
+        "command": ["python3", "-m", "stalwart.job.store", str(port)],
+        "ports": [{"name": "rdzv", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 2},
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    if spec.kubernetes.image_pull_policy:
+        container["imagePullPolicy"] = spec.kubernetes.image_pull_policy
+    pod: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": 10}
+    node_selector = dict(spec.scheduling.node_selector)
+    if spec.scheduling.instance_type:
+        node_selector["node.kubernetes.io/instance-type"] = spec.scheduling.instance_type
+    if node_selector:
+        pod["nodeSelector"] = node_selector
+    if spec.scheduling.service_account:
+        pod["serviceAccountName"] = spec.scheduling.service_account
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"selector": selector, "ports": [{"name": "rdzv", "port": port, "targetPort": port}]},
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            # never two stores at once: a second one would split the job's nodes between them
+            "strategy": {"type": "Recreate"},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+    return [service, deployment]
 
 
 def render_hyperpod(spec: JobSpec) -> list[Manifest]:
@@ -326,5 +398,7 @@ RENDERERS: dict[str, Callable[[JobSpec], list[Manifest]]] = {
 
 
 def render(spec: JobSpec) -> list[Manifest]:
-    """Every object ``spec`` needs on Kubernetes, in creation order."""
-    return RENDERERS[spec.kubernetes.flavour](spec)
+    """Every object ``spec`` needs on Kubernetes, in creation order (the store first, so that it
+    is up before the nodes look for it; the flavour's main object last)."""
+    store = _store_objects(spec) if _own_store(spec) else []
+    return [*store, *RENDERERS[spec.kubernetes.flavour](spec)]

@@ -88,7 +88,8 @@ kubernetes:
 
 rendezvous:
   port: 29400
-  endpoint: null               # HOST:PORT to override the flavour's default
+  store: pod                   # kubernetes: pod (a store pod of its own) | first-node (torchrun's way)
+  endpoint: null               # HOST:PORT of a store you run; replaces both
 
 fault: null                    # testing only: inject a fault, e.g. crash:rank=1:step=20
 """

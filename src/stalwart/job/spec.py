@@ -236,10 +236,18 @@ class Kubernetes(_Model):
 
 
 class Rendezvous(_Model):
-    """The c10d rendezvous: its port, and an explicit endpoint when the default cannot work."""
+    """The c10d rendezvous: its port, where its store runs on Kubernetes, and an explicit endpoint
+    when the default cannot work.
+
+    ``store: pod`` (the default) serves the store from a pod of its own (``<job>-rdzv``: a
+    Deployment and a Service), so that any node can be replaced; ``first-node`` has the first
+    pod's agent host it, as torchrun does (replacing that pod then fails the job). Kubernetes
+    only: local jobs always give the store a process of its own. Ignored with ``endpoint``.
+    """
 
     port: int = Field(29400, ge=1, le=65535)
     endpoint: str | None = None
+    store: Literal["pod", "first-node"] = "pod"
 
 
 class JobSpec(_Model):

@@ -1,17 +1,23 @@
-"""A local job's rendezvous store, kept apart from its nodes.
+"""A job's rendezvous store, kept apart from its nodes.
 
-``python -m stalwart.job.store PORT JOB_DIR NODES`` serves a c10d ``TCPStore`` on PORT until
-every node of the job has finished (each ``JOB_DIR/node-<i>`` has its ``exit.json``, or its
-supervisor is gone), or until it is stopped. The local backend starts it (detached, through ``stalwart.job.node``) before the nodes,
-which all join it as clients (``--rdzv-conf is_host=0``). A node that hands itself over and is
-replaced, node 0 included, then takes nothing with it: the others wait in the rendezvous for the
-replacement, and the job-wide restart budget lives on. (On Kubernetes the first pod still hosts
-the store; a store outside the pods, such as etcd, does the same there.)
+``python -m stalwart.job.store PORT JOB_DIR NODES`` (local jobs) serves a c10d ``TCPStore`` on
+PORT until every node of the job has finished (each ``JOB_DIR/node-<i>`` has its ``exit.json``,
+or its supervisor is gone), or until it is stopped. The local backend starts it (detached,
+through ``stalwart.job.node``) before the nodes, which all join it as clients (``--rdzv-conf
+is_host=0``). A node that hands itself over and is replaced, node 0 included, then takes nothing
+with it: the others wait in the rendezvous for the replacement, and the job-wide restart budget
+lives on.
+
+``python -m stalwart.job.store PORT`` (Kubernetes: the ``<job>-rdzv`` pod) serves until SIGTERM
+or SIGINT and then exits 0; as a container's PID 1 it must handle SIGTERM itself. If that pod is
+lost, its replacement starts empty and the nodes fail: it holds no training state and asks for
+little, so it is much less likely to go than a GPU node.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,15 +27,23 @@ from stalwart.job.node import EXIT_FILE, PID_FILE
 __all__ = ["serve"]
 
 
-def serve(port: int, job_dir: Path, nodes: int, poll_s: float = 0.5) -> int:
-    """Serve the store until every node has finished (see ``_finished``)."""
+def serve(port: int, job_dir: Path | None = None, nodes: int = 0, poll_s: float = 0.5) -> int:
+    """Serve the store until every node has finished (see ``_finished``), or, without a
+    ``job_dir``, until SIGTERM or SIGINT."""
     from torch.distributed import TCPStore  # here, not at import: the CLI stays light
 
-    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    stop = {signal.SIGTERM, signal.SIGINT}
+    if job_dir is None:  # before the store's threads start, so that they inherit the mask
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # binds every address
     print(f"stalwart: the job's rendezvous store listens on port {port}", flush=True)
-    node_dirs = [job_dir / f"node-{i}" for i in range(nodes)]
-    while not all(_finished(d) for d in node_dirs):
-        time.sleep(poll_s)  # nodes finish in seconds to days; a cheap stat twice a second
+    if job_dir is None:
+        got = signal.sigwait(stop)
+        print(f"stalwart: the rendezvous store stops ({signal.Signals(got).name})", flush=True)
+    else:
+        node_dirs = [job_dir / f"node-{i}" for i in range(nodes)]
+        while not all(_finished(d) for d in node_dirs):
+            time.sleep(poll_s)  # nodes finish in seconds to days; a cheap stat twice a second
     del store
     return 0
 
@@ -52,8 +66,10 @@ def _finished(node_dir: Path) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 1 and argv[0].isdigit():
+        return serve(int(argv[0]))
     if len(argv) != 3 or not argv[0].isdigit() or not argv[2].isdigit():
-        print("usage: python -m stalwart.job.store PORT JOB_DIR NODES", file=sys.stderr)
+        print("usage: python -m stalwart.job.store PORT [JOB_DIR NODES]", file=sys.stderr)
         return 2
     return serve(int(argv[0]), Path(argv[1]), int(argv[2]))
 
