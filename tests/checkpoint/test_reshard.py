@@ -122,3 +122,35 @@ def test_a_rank_that_cannot_look_at_the_uri_fails_construction_on_every_rank_wit
     tmp_path: Path,
 ) -> None:
     _run_two_ranks("probe-error", tmp_path / "ck", tmp_path)  # a hang would time out after 120 s
+
+
+def test_fsdp_with_tensor_parallel_strided_shards_are_all_saved_each_once() -> None:
+    # FSDP2 on a TP mesh gives 2-D parameters (_StridedShard(0), Shard(0)); _StridedShard's
+    # is_shard() is False, and taking it for a replica left half the rows unsaved
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's own no-op backend
+
+    from stalwart.checkpoint.reshard import local_box, saves_piece
+
+    # rank (dp, tp) on a 2 x 2 mesh: TP splits the 8 rows in two, FSDP splits each half again
+    cases = {
+        "fsdp+tp": ((_StridedShard(0, split_factor=2), Shard(0)), {0: 0, 1: 4, 2: 2, 3: 6}, 2, [0, 1, 2, 3]),
+        "replicas": ((Replicate(), Shard(0)), {0: 0, 1: 4, 2: 0, 3: 4}, 4, [0, 1]),
+    }
+    for name, (placements, first_row, rows, savers) in cases.items():
+        saved: list[int] = []
+        for rank in range(4):
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
+            try:
+                piece = distribute_tensor(torch.zeros(8, 2), init_device_mesh("cpu", (2, 2)), placements)
+                _, _, box = local_box(piece)
+                assert box.offsets[0] == first_row[rank] and box.shape == (rows, 2), (name, rank)
+                assert saves_piece(piece, rank) == (rank in savers), (name, rank)
+                if rank in savers:
+                    saved += range(box.offsets[0], box.offsets[0] + rows)
+            finally:
+                dist.destroy_process_group()
+        assert sorted(saved) == list(range(8)), name  # every row once: no gap, no second copy

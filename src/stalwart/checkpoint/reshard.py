@@ -3,7 +3,7 @@
 Every saved piece records its global offsets and shape, so a checkpoint written by N ranks loads
 into M ranks by box intersection (the idea behind DCP's planner, without its pickled metadata).
 Replicated copies are written once: a DTensor piece is saved by the rank whose mesh coordinate is
-0 along every non-sharded mesh dimension; a plain tensor is saved by rank 0.
+0 along every replicated mesh dimension; a plain tensor is saved by rank 0.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def saves_piece(value: torch.Tensor, rank: int) -> bool:
     coord = dt.device_mesh.get_coordinate()
     if coord is None:
         return False
-    return all(c == 0 for c, p in zip(coord, dt.placements, strict=True) if not p.is_shard())
+    # only Replicate dimensions hold copies: FSDP2 + TP shards with _StridedShard, for which
+    # is_shard() is False, and those ranks hold distinct rows that must all be written
+    return all(c == 0 for c, p in zip(coord, dt.placements, strict=True) if p.is_replicate())
 
 
 def plan_reads(entry: TensorEntry, box: Box) -> list[Read]:
