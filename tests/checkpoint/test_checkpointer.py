@@ -13,6 +13,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer, committed_steps, open_storage
+from stalwart.checkpoint.api import MANIFEST_NAME, Manifest, Storage, step_dir
+from stalwart.checkpoint.loader import Source, verify_source
+from stalwart.checkpoint.retention import plan_retention
 from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
 
 
@@ -58,6 +61,11 @@ def _assert_same(a: Any, b: Any) -> None:
             _assert_same(x, y)
     else:
         assert a == b
+
+
+def _source(storage: Storage, step: int) -> Source:
+    raw = storage.read(f"{step_dir(step)}/{MANIFEST_NAME}")
+    return Source.from_manifest("durable", storage, Manifest.from_json(raw))
 
 
 def _cfg(config: CheckpointConfig, **changes: Any) -> CheckpointConfig:
@@ -198,6 +206,66 @@ def test_saving_an_already_committed_step_does_not_rewrite_it(
     assert ck.load_latest(target) == 4
     _assert_same(target, _state(4))
     ck.close()
+
+
+def test_retention_plan_after_a_resume_from_an_older_step() -> None:
+    # newest committed before the resume: 1000 (skipped on load); the run saved 910 and 920 since
+    plan = plan_retention([900, 910, 920, 1000], [930, 1010], 2, 0, newest=920, superseded=frozenset({1000}))
+    assert plan == [900]  # 930 may be in progress; 1000 and 1010 are not this run's to judge yet
+    later = plan_retention([910, 920, 1000, 1050], [], 2, 0, newest=1050, superseded=frozenset({1000}))
+    assert later == [910, 1000]  # saved past the skipped step: it goes, and is not one of the last 2
+    assert plan_retention([1, 3, 5], [2, 6], 1, 0) == [1, 2, 3]  # offline (gc): the newest commit decides
+
+
+def test_a_run_resumed_past_a_damaged_checkpoint_keeps_its_saves_and_rewrites_that_step(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = str(tmp_path / "ck")
+    first = Checkpointer(uri, _cfg(config, memory_tier=False, keep_last=3))
+    first.save(900, _state(1), blocking=True)
+    first.save(1000, _state(2), blocking=True)
+    first.close()
+    with open(tmp_path / "ck/step-000001000/rank-00000.safetensors", "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\xff" * 8)
+    ck = Checkpointer(uri, _cfg(config, memory_tier=False, keep_last=3))
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 900
+    # the steps after the resume are below the damaged 1000: retention used to take the next
+    # save's directory, still being written, for a crashed attempt and delete it mid-save
+    futures = [ck.save(step, _state(step)) for step in range(910, 1000, 10)]
+    ck.wait()
+    assert all(f.result() is not None for f in futures)
+    storage = open_storage(uri)
+    assert committed_steps(storage) == ([970, 980, 990, 1000], [])
+    for step in (970, 980, 990):
+        assert verify_source(_source(storage, step)) == []
+    # saving 1000 again replaces the damaged copy instead of keeping it as "already committed"
+    assert ck.save(1000, _state(7), blocking=True).result() is not None
+    assert verify_source(_source(storage, 1000)) == []
+    ck.close()
+    fresh = Checkpointer(uri, _cfg(config, memory_tier=False))
+    target = _zeros_like(_state(0))
+    assert fresh.load_latest(target) == 1000
+    _assert_same(target, _state(7))
+    fresh.close()
+
+
+def test_saving_below_an_earlier_runs_newer_checkpoints_warns_and_keeps_them(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = str(tmp_path / "ck")
+    old = Checkpointer(uri, _cfg(config, memory_tier=False))
+    old.save(500, _state(1), blocking=True)
+    old.close()
+    new = Checkpointer(uri, _cfg(config, memory_tier=False, keep_last=2))  # a new run, not resumed
+    for step in (10, 20, 30):
+        new.save(step, _state(step), blocking=True)
+    new.wait()
+    assert committed_steps(open_storage(uri))[0] == [20, 30, 500]  # 500 neither counted nor deleted
+    assert "steps [500] in" in caplog.text and "newer than step 10 just saved" in caplog.text
+    assert caplog.text.count("newer than step") == 1  # once, not at every save
+    new.close()
 
 
 def _two_checkpoints(tmp_path: Path, config: CheckpointConfig) -> Checkpointer:

@@ -156,6 +156,7 @@ class _SaveJob:
     progress: Progress
     future: Future[CheckpointRef | None]  # resolved at the commit on the checkpoint URI
     started: float  # time.perf_counter() when save() was called
+    rewrite: bool = False  # the step is committed but was skipped on load (damaged): write it again
 
     @property
     def data(self) -> np.ndarray:
@@ -230,6 +231,10 @@ class Checkpointer:
         self._purge = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt-purge")
         self._purges: deque[Future[None]] = deque()
         self._stop = threading.Event()
+        # committed steps newer than the one load_latest loaded (skipped as damaged, or not on
+        # every rank): retention leaves them until this run has saved past them, and a save of
+        # one of them writes it again (replaced, never read or mutated in place: threads share it)
+        self._skipped: frozenset[int] = frozenset()
         self._seq = 0
         self._last_save_bytes = 0
         self._closed = False
@@ -366,7 +371,10 @@ class Checkpointer:
         # writes alone (checksumming alongside doubled its blocking time here).
         progress = Progress(fused=blocking)
         future: Future[CheckpointRef | None] = Future()
-        save = _SaveJob(step, attempt, slot, layout, buf, values, progress, future, started)
+        rewrite = step in self._skipped
+        if rewrite:  # on every rank alike, and once: a later save of this step skips as usual
+            self._skipped = self._skipped - {step}
+        save = _SaveJob(step, attempt, slot, layout, buf, values, progress, future, started, rewrite)
         self._pending.append(self._executor.submit(self._persist, save))
         try:
             self._snapshot(buf, layout, progress)
@@ -496,7 +504,10 @@ class Checkpointer:
             step, f"{self.storage.uri.rstrip('/')}/{directory}", "durable", committed=self.rank == 0
         )
         written: Future[None] | None = None
-        if not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+        if job.rewrite and self.rank == 0:
+            # uncommit the damaged copy first; the others write their parts again regardless
+            self.storage.delete(f"{directory}/{MANIFEST_NAME}")
+        if job.rewrite or not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
             # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
             shard = job.durable_shard() if durable else None
             skip = len(layout.durable_header)  # file offset -> data offset
@@ -530,7 +541,7 @@ class Checkpointer:
             self._metrics.last_step.set(step)
             seconds = round(time.perf_counter() - job.started, 4)
             event("checkpoint_saved", step=step, uri=self.storage.uri, seconds=seconds)
-            self._purges.append(self._purge.submit(self._retain))
+            self._purges.append(self._purge.submit(self._retain, step, self._skipped))
         self._metrics.saves.inc()
         return ref, part
 
@@ -548,13 +559,21 @@ class Checkpointer:
         step, attempt = job.step, job.attempt
         directory = step_dir(step)
         try:
-            if mirror.exists(f"{directory}/{MANIFEST_NAME}"):
+            if job.rewrite and self.rank == 0:
+                mirror.delete(f"{directory}/{MANIFEST_NAME}")
+            elif not job.rewrite and mirror.exists(f"{directory}/{MANIFEST_NAME}"):
                 return
             if part.file_name is not None:
                 mirror.write(f"{directory}/{part.file_name}", job.durable_shard())
             self._publish(mirror, step, attempt, part)
             if self.rank == 0:
-                apply_retention(mirror, self.config.keep_last, self.config.keep_every)
+                apply_retention(
+                    mirror,
+                    self.config.keep_last,
+                    self.config.keep_every,
+                    newest=step,
+                    superseded=self._skipped,
+                )
         except Exception as exc:
             logger.warning(
                 "copying checkpoint step %d to the mirror %s failed (%s still holds it): %s",
@@ -596,9 +615,11 @@ class Checkpointer:
         )
         commit_step(storage, merge_parts(step, attempt, parts))
 
-    def _retain(self) -> None:
+    def _retain(self, step: int, skipped: frozenset[int]) -> None:
         try:
-            apply_retention(self.storage, self.config.keep_last, self.config.keep_every)
+            apply_retention(
+                self.storage, self.config.keep_last, self.config.keep_every, newest=step, superseded=skipped
+            )
         except Exception as exc:  # a listing that fails must not fail the next wait()
             logger.warning("checkpoint retention in %s failed: %s", self.storage.uri, exc)
 
@@ -628,6 +649,7 @@ class Checkpointer:
         mem_step = mem[1].step if mem and mem[1].world_size == self.world_size else -1
         lo, hi = self._reduce(mem_step, dist.ReduceOp.MIN), self._reduce(mem_step, dist.ReduceOp.MAX)
         problems: list[str] = []
+        every = {s for _, _, steps in tiers for s in steps}
         if mem is not None and lo == hi >= 0 and lo >= newest:
             assert self.memory is not None
             memory = self.memory
@@ -635,7 +657,7 @@ class Checkpointer:
             if self._attempt(
                 lo, [("memory tier", lambda: self._memory_source(memory, slot, part))], state, problems
             ):
-                self._loaded(lo, "memory tier", started)
+                self._loaded(lo, "memory tier", started, every)
                 return lo
         bound = math.inf
         while True:
@@ -655,9 +677,10 @@ class Checkpointer:
             ] or [("durable tier", lambda s=step: self._durable_source(self.storage, "durable", s))]
             tier = self._attempt(step, makes, state, problems)
             if tier is not None:
-                self._loaded(step, tier, started)
+                self._loaded(step, tier, started, every)
                 return step
             bound = step
+        self._skipped = frozenset(every)  # a run that goes on from scratch replaces them all
         if problems:
             raise CheckpointCorrupt(
                 f"no checkpoint in {self.storage.uri} could be loaded: " + "; ".join(problems)
@@ -733,7 +756,8 @@ class Checkpointer:
             return None
         return tier
 
-    def _loaded(self, step: int, tier: str, started: float) -> None:
+    def _loaded(self, step: int, tier: str, started: float, committed: set[int]) -> None:
+        self._skipped = frozenset(s for s in committed if s > step)
         seconds = time.perf_counter() - started
         logger.info("loaded checkpoint step %d from the %s in %.3f s", step, tier, seconds)
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one per node: the agent's event log

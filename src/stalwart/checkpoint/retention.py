@@ -23,26 +23,64 @@ def committed_steps(storage: Storage) -> tuple[list[int], list[int]]:
     return sorted(committed), sorted(incomplete)
 
 
-def plan_retention(committed: list[int], incomplete: list[int], keep_last: int, keep_every: int) -> list[int]:
+def plan_retention(
+    committed: list[int],
+    incomplete: list[int],
+    keep_last: int,
+    keep_every: int,
+    *,
+    newest: int | None = None,
+    superseded: frozenset[int] = frozenset(),
+) -> list[int]:
     """The steps to delete: committed ones outside the keep rules, and crashed attempts.
 
-    An incomplete directory older than the newest commit is a crashed attempt (saves commit in
-    order); a newer one may be a save in progress and is left alone.
+    ``newest`` is the step just committed (default: the newest committed step). Saves commit in
+    order, so an incomplete directory below it is a crashed attempt, and one above it may be a
+    save in progress. Committed steps above it are another timeline's (a run that resumed from an
+    older step, because the newer ones were damaged, or a new run in an old directory): they are
+    neither counted nor deleted here. ``superseded``: steps the resumed run skipped on load; once
+    it has saved past one, it is deleted.
     """
-    keep = set(committed[-keep_last:]) if keep_last > 0 else set()
+    if newest is None:
+        newest = committed[-1] if committed else -1
+    current = [s for s in committed if s <= newest and not (s in superseded and s < newest)]
+    keep = set(current[-keep_last:]) if keep_last > 0 else set()
     if keep_every:
-        keep |= {s for s in committed if s % keep_every == 0}
-    doomed = [s for s in committed if s not in keep]
-    doomed += [s for s in incomplete if committed and s < committed[-1]]
+        keep |= {s for s in current if s % keep_every == 0}
+    doomed = [s for s in current if s not in keep]
+    doomed += [s for s in committed if s in superseded and s < newest]
+    doomed += [s for s in incomplete if s < newest]
     return sorted(doomed)
 
 
+_warned_ahead: set[tuple[str, tuple[int, ...]]] = set()
+
+
 def apply_retention(
-    storage: Storage, keep_last: int, keep_every: int = 0, *, dry_run: bool = False
+    storage: Storage,
+    keep_last: int,
+    keep_every: int = 0,
+    *,
+    newest: int | None = None,
+    superseded: frozenset[int] = frozenset(),
+    dry_run: bool = False,
 ) -> list[int]:
     """Delete what ``plan_retention`` names; the steps removed (or that would be)."""
     committed, incomplete = committed_steps(storage)
-    doomed = plan_retention(committed, incomplete, keep_last, keep_every)
+    ahead = tuple(s for s in committed if newest is not None and s > newest and s not in superseded)
+    if ahead and (storage.uri, ahead) not in _warned_ahead:
+        _warned_ahead.add((storage.uri, ahead))
+        logger.warning(
+            "checkpoint steps %s in %s are newer than step %s just saved and were not loaded by this "
+            "run: load_latest prefers them after a restart. If they belong to an earlier run, remove "
+            "them (or save this run elsewhere)",
+            list(ahead),
+            storage.uri,
+            newest,
+        )
+    doomed = plan_retention(
+        committed, incomplete, keep_last, keep_every, newest=newest, superseded=superseded
+    )
     if dry_run:
         return doomed
     removed = []
