@@ -114,6 +114,25 @@ def test_sigterm_flushes_the_save_in_flight_before_the_process_exits(tmp_path: P
     assert committed_steps(open_storage(str(tmp_path / "ck"))) == ([1], [])
 
 
+@pytest.mark.parametrize(
+    ("mode", "steps"), [("sigterm-in-wait", [1]), ("sigterm-in-save", [1, 2]), ("sigterm-in-copy", [1])]
+)
+def test_sigterm_while_the_main_thread_is_inside_the_checkpointer_flushes_without_a_hang(
+    tmp_path: Path, worker, mode: str, steps: list[int]
+) -> None:  # type: ignore[no-untyped-def]
+    # The handler runs on the main thread. Inside wait() or save()'s wait for a slot, it used to
+    # find nothing in flight (the future was already taken off the queue) and let the process die
+    # mid-save; inside the snapshot copy, it waited for a save that waited for that copy: a hang.
+    proc = worker(mode)
+    if mode != "sigterm-in-copy":
+        _wait_for(worker.marker / "writing", proc)
+        _wait_for(worker.marker / ("waiting" if mode == "sigterm-in-save" else "saved"), proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        (worker.marker / "go").touch()
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    assert committed_steps(open_storage(str(tmp_path / "ck"))) == (steps, [])
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     if os.geteuid() != 0:

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -240,6 +240,8 @@ class Checkpointer:
         self._closed = False
         self.last_error: BaseException | None = None
         self._prev_sigterm: Any = None
+        self._main_depth = 0  # main-thread save()/wait() calls under way (see _sigterm_deferred)
+        self._term: tuple[int, Any] | None = None  # a SIGTERM that came during one of them
         atexit.register(self._at_exit)
         if self.config.flush_on_sigterm and threading.current_thread() is threading.main_thread():
             self._prev_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -344,10 +346,15 @@ class Checkpointer:
             raise CheckpointError("save() called after close(): create a new Checkpointer")
         if step < 0:
             raise ConfigError(f"checkpoint step {step} must be non-negative")
+        with self._sigterm_deferred():
+            return self._save(step, state, blocking)
+
+    def _save(self, step: int, state: dict[str, Any], blocking: bool) -> Future[CheckpointRef | None]:
         if len(self._pending) >= self.config.max_in_flight:
             busy(_persist_allowance(self._last_save_bytes))  # waiting for a save is not a hang
         while len(self._pending) >= self.config.max_in_flight:
-            self._pending.popleft().result()
+            self._pending[0].result()  # still queued while it runs: a SIGTERM flush waits for it
+            self._pending.popleft()
         while self._purges and self._purges[0].done():
             self._purges.popleft()
         started = time.perf_counter()
@@ -766,10 +773,16 @@ class Checkpointer:
     # -- lifecycle ----------------------------------------------------------------------------
     def wait(self) -> None:
         """Block until every save in flight has persisted (or failed) and retention has run."""
+        with self._sigterm_deferred():
+            self._drain()
+
+    def _drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._pending[0].result()  # still queued while it runs: a SIGTERM flush waits for it
+            self._pending.popleft()
         while self._purges:
-            self._purges.popleft().result()
+            self._purges[0].result()
+            self._purges.popleft()
 
     def close(self, *, drop_memory: bool = False) -> None:
         """Flush saves in flight and release threads; ``drop_memory`` frees the /dev/shm snapshot."""
@@ -802,10 +815,32 @@ class Checkpointer:
         with contextlib.suppress(Exception):
             self.close()
 
+    @contextlib.contextmanager
+    def _sigterm_deferred(self) -> Iterator[None]:
+        """Main-thread work during which a SIGTERM only takes note; the flush runs at its end.
+
+        The handler runs on the main thread, in the middle of whatever it was doing: flushing
+        from inside ``save()``'s snapshot copy would wait for a save that waits for that copy.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._main_depth += 1
+        try:
+            yield
+        finally:
+            self._main_depth -= 1
+            term, self._term = (self._term, None) if self._main_depth == 0 else (None, self._term)
+            if term is not None:
+                self._on_sigterm(*term)
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._main_depth:
+            self._term = (signum, frame)  # the save() or wait() under way flushes when it ends
+            return
         logger.warning("SIGTERM: flushing %d checkpoint save(s) in flight", len(self._pending))
         with contextlib.suppress(Exception):
-            self.wait()
+            self._drain()
         previous = self._prev_sigterm
         if callable(previous):
             previous(signum, frame)

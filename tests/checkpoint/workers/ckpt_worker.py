@@ -3,12 +3,16 @@
 --mode exit-after-save  save step 5 (blocking), then os._exit(0) with no cleanup
 --mode hang-in-write    save step 1, then save step 2 whose shard write stalls half-way
 --mode sigterm          save step 1 whose shard write waits for <marker>/go; SIGTERM flushes it
+--mode sigterm-in-wait  the same, with the main thread inside ck.wait() when SIGTERM comes
+--mode sigterm-in-save  the same, with the main thread inside save(2), waiting for save 1's slot
+--mode sigterm-in-copy  SIGTERM arrives while save(1) copies the snapshot on the main thread
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from stalwart.checkpoint import CheckpointConfig, Checkpointer
+from stalwart.checkpoint import CheckpointConfig, Checkpointer, checkpointer
 from stalwart.checkpoint.storage_posix import PosixStorage
 
 
@@ -54,7 +58,15 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--shm", required=True)
     parser.add_argument("--marker", required=True, type=Path)
-    parser.add_argument("--mode", required=True, choices=["exit-after-save", "hang-in-write", "sigterm"])
+    modes = [
+        "exit-after-save",
+        "hang-in-write",
+        "sigterm",
+        "sigterm-in-wait",
+        "sigterm-in-save",
+        "sigterm-in-copy",
+    ]
+    parser.add_argument("--mode", required=True, choices=modes)
     args = parser.parse_args()
     config = CheckpointConfig(shm_root=args.shm, job="worker", memory_tier=args.mode == "exit-after-save")
     if args.mode == "exit-after-save":
@@ -62,14 +74,30 @@ def main() -> None:
         ck.save(5, state(5), blocking=True)
         sys.stdout.flush()
         os._exit(0)
-    stall = 2 if args.mode == "hang-in-write" else 1
+    stall = {"hang-in-write": 2, "sigterm-in-copy": 99}.get(args.mode, 1)
     ck = Checkpointer(args.root, config, storage=StallingStorage(args.root, args.marker, stall))
     if args.mode == "hang-in-write":
         ck.save(1, state(1), blocking=True)
         ck.save(2, state(2))
+    elif args.mode == "sigterm-in-copy":
+        copy = ck._snapshot
+
+        def signalled_copy(*args: object) -> None:  # the handler runs on this thread, mid-copy
+            os.kill(os.getpid(), signal.SIGTERM)
+            copy(*args)  # type: ignore[arg-type]
+
+        ck._snapshot = signalled_copy  # type: ignore[method-assign]
+        ck.save(1, state(1))
     else:
         ck.save(1, state(1))
-    (args.marker / "saved").touch()
+    if args.mode != "sigterm-in-save":
+        (args.marker / "saved").touch()
+    if args.mode == "sigterm-in-wait":
+        ck.wait()
+    elif args.mode == "sigterm-in-save":
+        # save() says it is busy right before it waits for save 1's slot (max_in_flight=1)
+        checkpointer.busy = lambda seconds: (args.marker / "waiting").touch()  # type: ignore[attr-defined]
+        ck.save(2, state(2))
     while True:  # the training loop goes on until the test kills or signals it
         time.sleep(0.05)
 
