@@ -315,6 +315,62 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older_one(
     ck.close()
 
 
+def _edit_manifest(path: Path, edit: Any, *, checksum: str) -> None:
+    """Change a committed manifest, keeping its checksum (damage), recomputing it (a hand-made
+    record: ``forge``) or dropping it (a record from before checksums: ``drop``)."""
+    from stalwart.checkpoint.api import _record_crc
+
+    body = json.loads(path.read_text())
+    kept = body.pop("checksum")
+    edit(body)
+    if checksum != "drop":
+        body["checksum"] = _record_crc(body) if checksum == "forge" else kept
+    path.write_text(json.dumps(body))
+
+
+@pytest.mark.parametrize(
+    ("edit", "checksum", "said"),
+    [
+        # one digit of a data-loader position: only the record's own checksum can see it
+        (lambda m: m["values"][0].update({"rank_state/loader/offset": 990}), "keep", "fails its checksum"),
+        (lambda m: m["tensors"][0]["chunks"][0]["offsets"].__setitem__(0, 1), "forge", "is outside"),
+        (
+            lambda m: m["files"]["rank-00000.safetensors"].update({"header_bytes": -8}),
+            "forge",
+            "-8-byte header",
+        ),
+        (lambda m: m["tensors"][0]["chunks"][0]["offsets"].append(0), "forge", "is outside"),
+        (lambda m: m.update({"files": {}}), "forge", "which it does not list"),
+    ],
+)
+def test_a_damaged_or_inconsistent_manifest_falls_back_to_the_older_checkpoint(
+    tmp_path: Path,
+    config: CheckpointConfig,
+    caplog: pytest.LogCaptureFixture,
+    edit: Any,
+    checksum: str,
+    said: str,
+) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    _edit_manifest(tmp_path / "ck/step-000000002/manifest.json", edit, checksum=checksum)
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 1  # not a ValueError out of numpy or zip()
+    _assert_same(target, _state(1))
+    assert said in caplog.text and "falling back" in caplog.text
+    ck.close()
+
+
+def test_a_manifest_written_before_records_had_checksums_still_loads(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    ck = _two_checkpoints(tmp_path, config)
+    _edit_manifest(tmp_path / "ck/step-000000002/manifest.json", lambda m: None, checksum="drop")
+    target = _zeros_like(_state(0))
+    assert ck.load_latest(target) == 2
+    _assert_same(target, _state(2))
+    ck.close()
+
+
 def test_a_missing_manifest_means_the_step_is_not_a_checkpoint(
     tmp_path: Path, config: CheckpointConfig
 ) -> None:

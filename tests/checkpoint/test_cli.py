@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -62,6 +63,32 @@ def test_verify_passes_then_names_a_corrupt_file_and_exits_non_zero(
     assert code == 2
     assert "CORRUPT" in out and "1 of 3 checkpoints failed verification" in out
     assert "step-000000020/rank-00000.safetensors" in out
+
+
+def test_damaged_and_hand_made_manifests_are_reported_not_tracebacks(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stalwart.checkpoint.api import _record_crc
+
+    def rewrite(step: int, change: dict[str, object], forge: bool) -> None:
+        path = root / f"step-{step:09d}/manifest.json"
+        body = json.loads(path.read_text())
+        kept = body.pop("checksum")
+        body.update(change)
+        body["checksum"] = _record_crc(body) if forge else kept
+        path.write_text(json.dumps(body))
+
+    rewrite(10, {"created_at": 1e300}, forge=True)  # parses, but no date can show it
+    rewrite(20, {"world_size": 3}, forge=False)  # a changed byte
+    code, out = _run(["ckpt", "ls", str(root)], capsys)
+    assert code == 0 and "Traceback" not in out
+    assert "bad manifest" in out and out.count("│ committed") == 2  # 10 (date "?") and 30
+    code, out = _run(["ckpt", "verify", str(root)], capsys)
+    assert code == 2 and "Traceback" not in out
+    assert "fails its checksum" in out and "1 of 3 checkpoints failed verification" in out
+    rewrite(30, {"files": {}}, forge=True)  # consistent bytes, but its tensors are in no file
+    code, out = _run(["ckpt", "verify", str(root)], capsys)
+    assert code == 2 and "which it does not list" in out and "2 of 3" in out
 
 
 def test_gc_applies_retention_and_removes_crashed_attempts(

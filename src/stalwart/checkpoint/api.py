@@ -94,19 +94,37 @@ def _ints(d: Any, key: str, where: str) -> list[int]:
     return values
 
 
+def _record_crc(body: dict[str, Any]) -> int:
+    """crc32c of a record's canonical JSON (sorted keys, no spaces): what its ``checksum`` holds."""
+    from crc32c import crc32c  # the shard checksums' function
+
+    return int(crc32c(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()))
+
+
 class _Record:
-    """JSON in and out for the frozen dataclasses below (no pickle, no code on load)."""
+    """JSON in and out for the frozen dataclasses below (no pickle, no code on load).
+
+    A written record carries ``checksum``, the crc32c of the rest of it, so that a changed byte
+    in a manifest or part record (a data-loader offset, a tensor's offsets) is found on load like
+    one in a shard. Records written without one (before it existed) load unchecked.
+    """
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()  # type: ignore[call-overload]
+        body = dataclasses.asdict(self)  # type: ignore[call-overload]
+        body["checksum"] = _record_crc(body)
+        return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Any:
-        """Parse and validate; raises ``ValueError`` naming the bad field."""
+        """Parse, check and validate; raises ``ValueError`` naming the bad field."""
         try:
             data = json.loads(raw)
         except ValueError as exc:
             raise ValueError(f"not JSON: {exc}") from None
+        if isinstance(data, dict) and "checksum" in data:
+            expected = data.pop("checksum")
+            if expected != _record_crc(data):
+                raise ValueError("fails its checksum: it was changed or damaged after it was written")
         return cls.from_dict(data)  # type: ignore[attr-defined]
 
 

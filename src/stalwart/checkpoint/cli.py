@@ -86,7 +86,10 @@ def ls_command(uri: str, endpoint_url: str | None) -> None:
         except CheckpointCorrupt:
             table.add_row(str(step), "[red]bad manifest[/]", "-", "-", "-", "-")
             continue
-        saved = dt.datetime.fromtimestamp(m.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            saved = dt.datetime.fromtimestamp(m.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        except (OverflowError, OSError, ValueError):  # a hand-made manifest: show the rest
+            saved = "?"
         table.add_row(
             str(step),
             "[green]committed[/]",

@@ -12,6 +12,7 @@ a state that does not match the checkpoint raises ``CheckpointError``.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +97,52 @@ class Source:
             manifest.files,
             manifest.tensors,
             manifest.values,
-        )
+        ).checked()
+
+    def checked(self) -> Source:
+        """This source, once its record is found to describe files it could have written:
+        ``CheckpointCorrupt`` (a fallback to an older checkpoint) for sizes, offsets, shapes or
+        checksum lists that disagree. A checksummed record can only disagree if it was written
+        that way or forged; an older record without a checksum, if it was damaged."""
+        where = f"checkpoint step {self.step} ({self.tier})"
+
+        def bad(what: str) -> CheckpointCorrupt:
+            return CheckpointCorrupt(f"{where} has a damaged record: {what}")
+
+        for name, f in self.files.items():
+            if not 0 <= f.header_bytes <= f.size:
+                raise bad(f"file {name} has a {f.header_bytes}-byte header in {f.size} bytes")
+        for t in self.tensors:
+            label = "/".join(t.path)
+            itemsize = dtype_from_code(t.dtype).itemsize
+            if any(n < 0 for n in t.global_shape):
+                raise bad(f"tensor {label} has the shape {t.global_shape}")
+            volume = 0
+            for c in t.chunks:
+                dims = zip(c.offsets, c.shape, t.global_shape, strict=False)
+                if (
+                    len(c.offsets) != len(t.global_shape)
+                    or len(c.shape) != len(t.global_shape)
+                    or any(o < 0 or n < 0 or o + n > g for o, n, g in dims)
+                ):
+                    raise bad(
+                        f"a piece of tensor {label} at {c.offsets} {c.shape} is outside {t.global_shape}"
+                    )
+                if c.nbytes != math.prod(c.shape) * itemsize or len(c.crcs) != max(
+                    1, -(-c.nbytes // CHUNK_BYTES)
+                ):
+                    raise bad(f"a piece of tensor {label} has {c.nbytes} bytes and {len(c.crcs)} checksums")
+                f = self.files.get(c.file)
+                if f is None:
+                    raise bad(f"tensor {label} is in {c.file}, which it does not list")
+                if c.nbytes and not f.header_bytes <= c.start <= f.size - c.nbytes:
+                    raise bad(f"a piece of tensor {label} at byte {c.start} is outside {c.file}")
+                volume += math.prod(c.shape)
+            if self.owner is None and volume != math.prod(t.global_shape):  # a part: one rank's pieces
+                raise bad(
+                    f"the pieces of tensor {label} hold {volume} of its {math.prod(t.global_shape)} elements"
+                )
+        return self
 
     @classmethod
     def from_part(
@@ -121,7 +167,7 @@ class Source:
             part.rank,
             mapped,
             verify,
-        )
+        ).checked()
 
     def where(self, file: str) -> str:
         return f"{self.storage.uri.rstrip('/')}/{self.prefix}{file}"
