@@ -268,6 +268,16 @@ def test_saving_below_an_earlier_runs_newer_checkpoints_warns_and_keeps_them(
     new.close()
 
 
+def test_string_keys_that_look_like_int_keys_stay_apart(tmp_path: Path, config: CheckpointConfig) -> None:
+    state = {"ids": {1: torch.ones(2), "#1": torch.zeros(2), "#x": 3, 2: "two"}}
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    ck.save(1, state, blocking=True)
+    loaded: dict[str, Any] = {}
+    assert ck.load_latest(loaded) == 1
+    _assert_same(loaded, state)
+    ck.close()
+
+
 def _two_checkpoints(tmp_path: Path, config: CheckpointConfig) -> Checkpointer:
     ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
     ck.save(1, _state(1))

@@ -113,13 +113,17 @@ def flatten(state: Any, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
 
 
 def encode_key(key: Any) -> str:
-    """A dict key as a path component: ints (optimizer state ids) become ``#<n>`` to come back as ints."""
+    """A dict key as a path component: ints (optimizer state ids) become ``#<n>`` to come back as
+    ints; a string that starts with ``#`` gets a second one, so ``"#1"`` and ``1`` stay apart."""
     if isinstance(key, int) and not isinstance(key, bool):
         return f"#{key}"
-    return str(key)
+    text = str(key)
+    return f"#{text}" if text.startswith("#") else text
 
 
 def decode_key(part: str) -> Any:
+    if part.startswith("##"):
+        return part[1:]
     if part.startswith("#") and part[1:].lstrip("-").isdigit():
         return int(part[1:])
     return part
