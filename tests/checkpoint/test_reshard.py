@@ -154,3 +154,9 @@ def test_fsdp_with_tensor_parallel_strided_shards_are_all_saved_each_once() -> N
             finally:
                 dist.destroy_process_group()
         assert sorted(saved) == list(range(8)), name  # every row once: no gap, no second copy
+
+
+def test_a_rank_saving_the_same_step_again_waits_for_rank_0s_commit_of_the_first(tmp_path: Path) -> None:
+    # rank 1's second write used to land under the checksums rank 0 was committing: step 3
+    # committed with a shard that failed them
+    _run_two_ranks("same-step-twice", tmp_path / "ck", tmp_path)  # both ranks load step 3

@@ -225,6 +225,7 @@ class Checkpointer:
                 logger.warning("memory tier disabled: cannot use %s (%s)", self.config.shm_root, exc)
         self._private: dict[int, torch.Tensor] = {}
         self._pending: deque[Future[CheckpointRef | None]] = deque()
+        self._published: set[int] = set()  # steps whose part this rank (not 0) handed to rank 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt-io")
         # retention runs after the commit, off the save's critical path (torchtitan's purge thread)
@@ -514,6 +515,11 @@ class Checkpointer:
         if job.rewrite and self.rank == 0:
             # uncommit the damaged copy first; the others write their parts again regardless
             self.storage.delete(f"{directory}/{MANIFEST_NAME}")
+        if self.rank != 0 and not job.rewrite and step in self._published:
+            # the same step again (a final save after the loop's last periodic one): rank 0 may
+            # still be committing the earlier attempt, with the checksums of the bytes this rank
+            # wrote then; wait for its decision instead of writing other bytes under them
+            _appears(self.storage, f"{directory}/{MANIFEST_NAME}", self.config.commit_timeout_s)
         if job.rewrite or not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
             # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
             shard = job.durable_shard() if durable else None
@@ -557,6 +563,8 @@ class Checkpointer:
         (its own part goes straight into the manifest: one small write and read less)."""
         if self.rank != 0:
             storage.write_atomic(f"{step_dir(step)}/{part_name(self.rank)}", part.to_json())
+            if storage is self.storage:
+                self._published.add(step)
         else:
             self._commit(storage, step, attempt, part)
 

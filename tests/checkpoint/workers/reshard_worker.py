@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -96,11 +97,53 @@ def unshared(root: str, rank: int) -> None:
     _exit()
 
 
+class HeldCommit(PosixStorage):
+    """Rank 0's storage: the first manifest waits until rank 1 has started its second save."""
+
+    def __init__(self, root: str, go: str) -> None:
+        super().__init__(root)
+        self.go = go
+
+    def write_atomic(self, path: str, data: bytes, *, exclusive: bool = False) -> None:
+        if path.endswith("manifest.json"):
+            deadline = time.monotonic() + 60
+            while not os.path.exists(self.go) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        super().write_atomic(path, data, exclusive=exclusive)
+
+
+def same_step_twice(root: str, rank: int) -> None:
+    """Both ranks save step 3, then rank 1 saves step 3 again with other bytes while rank 0 is
+    still committing the first save: rank 1 must not write under the first save's checksums."""
+    go = os.path.join(os.path.dirname(root), "rank1-saved-again")
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+    ck = Checkpointer(root, config, storage=HeldCommit(root, go) if rank == 0 else PosixStorage(root))
+
+    def state(version: int) -> dict:
+        return {"w": torch.ones(8), "rank_state": {"r": torch.full((1 << 16,), float(10 * rank + version))}}
+
+    first = ck.save(3, state(1))
+    if rank == 1:
+        first.result()  # its part is published; rank 0's commit is held
+        ck.save(3, state(2))  # the final save of the same step, with other bytes
+        open(go, "w").close()
+    else:
+        ck.save(3, state(2))
+    ck.wait()
+    dist.barrier()
+    target = {"w": torch.zeros(8), "rank_state": {"r": torch.zeros(1 << 16)}}
+    assert ck.load_latest(target) == 3  # verified: every file is what the manifest says
+    assert float(target["rank_state"]["r"][0]) == 10 * rank + 1, target["rank_state"]["r"][0]
+    ck.close()
+    dist.destroy_process_group()
+    _exit()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--mode",
-        choices=["save", "load", "load-same", "fail-rank1", "unshared", "probe-error"],
+        choices=["save", "load", "load-same", "fail-rank1", "unshared", "probe-error", "same-step-twice"],
         required=True,
     )
     parser.add_argument("--shm", default=None, help="enable the memory tier under this root")
@@ -135,6 +178,9 @@ def main() -> None:
         return
     if args.mode == "probe-error":
         probe_error(args.root, args.rank)
+        return
+    if args.mode == "same-step-twice":
+        same_step_twice(args.root, args.rank)
         return
     ck = Checkpointer(args.root, config, mirrors=[args.mirror] if args.mirror else [])
     if args.mode == "save":
