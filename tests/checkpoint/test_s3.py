@@ -99,3 +99,29 @@ def test_503_slowdown_answers_are_retried_with_backoff(moto: S3Server) -> None:
         assert torch.equal(target["w"], state["w"])
         ck.close()
     assert proxy.injected >= 5 and proxy.requests > proxy.injected
+
+
+def test_gc_aborts_only_uploads_older_than_a_save_could_be_and_reads_every_page(
+    seaweed: S3Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SeaweedFS, not moto: moto dates every upload 2010 and ignores MaxUploads
+    from stalwart.cli import main
+
+    bucket = seaweed.make_bucket(f"ck-{uuid.uuid4().hex[:8]}")
+    client = seaweed.client()
+    for i in range(5):  # unfinished uploads: a crashed save's, or a save in progress
+        client.create_multipart_upload(Bucket=bucket, Key=f"jobs/a/step-000000002/rank-{i:05d}.safetensors")
+    client.create_multipart_upload(Bucket=bucket, Key="elsewhere/x")  # not under the URI
+    storage = S3Storage(f"s3://{bucket}/jobs/a", endpoint_url=seaweed.endpoint, **CREDENTIALS)
+    for key, value in CREDENTIALS.items():  # the CLI takes them from the environment
+        monkeypatch.setenv({"region_name": "AWS_DEFAULT_REGION"}.get(key, key.upper()), value)
+    assert storage.abort_uploads(page_size=2) == 0  # just started: they may be a live save's
+    uri = f"s3://{bucket}/jobs/a"
+    assert main(["ckpt", "gc", uri, "--endpoint-url", seaweed.endpoint, "--uploads-older-than", "1"]) in (
+        0,
+        None,
+    )
+    assert "aborted 0 unfinished multipart upload(s) older than 1 h" in capsys.readouterr().out
+    assert storage.abort_uploads(older_than_s=0, page_size=2) == 5  # three pages
+    left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["elsewhere/x"]

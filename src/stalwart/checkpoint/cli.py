@@ -181,9 +181,22 @@ def verify_command(uri: str, step: int | None, endpoint_url: str | None) -> None
 )
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.option("--memory-job", default=None, help="Also free this job's /dev/shm snapshots on this node.")
+@click.option(
+    "--uploads-older-than",
+    type=click.FloatRange(min=0),
+    default=24.0,
+    show_default=True,
+    help="S3: abort unfinished multipart uploads started this many hours ago (younger ones may be saves in progress).",
+)
 @_endpoint
 def gc_command(
-    uri: str, keep_last: int, keep_every: int, dry_run: bool, memory_job: str | None, endpoint_url: str | None
+    uri: str,
+    keep_last: int,
+    keep_every: int,
+    dry_run: bool,
+    memory_job: str | None,
+    uploads_older_than: float,
+    endpoint_url: str | None,
 ) -> None:
     """Remove old checkpoints and crashed attempts (and stale S3 multipart uploads)."""
     storage = _open(uri, endpoint_url)
@@ -192,7 +205,8 @@ def gc_command(
     click.echo(f"{verb} {len(removed)} checkpoint(s): {', '.join(map(str, removed)) or 'none'}")
     abort = getattr(storage, "abort_uploads", None)
     if abort is not None and not dry_run:
-        click.echo(f"aborted {abort()} unfinished multipart upload(s)")
+        n = abort(older_than_s=uploads_older_than * 3600)
+        click.echo(f"aborted {n} unfinished multipart upload(s) older than {uploads_older_than:g} h")
     if memory_job and not dry_run:
         from stalwart.checkpoint.memory import remove_job
 

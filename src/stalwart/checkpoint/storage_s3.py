@@ -9,6 +9,7 @@ overwrite an existing manifest, the object-store equivalent of an atomic create.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -220,20 +221,39 @@ class S3Storage:
             batch = [{"Key": k} for k in keys[i : i + 1000]]
             self._call("delete_objects", key, Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
-    def abort_uploads(self, prefix: str = "") -> int:
-        """Abort multipart uploads left under ``prefix`` by crashed saves; how many were aborted."""
+    def abort_uploads(self, prefix: str = "", older_than_s: float = 24 * 3600, page_size: int = 1000) -> int:
+        """Abort multipart uploads under ``prefix`` started more than ``older_than_s`` ago (left
+        by crashed saves; younger ones may belong to a save in progress); how many were aborted."""
         key = self._key(prefix)
-        page = self._call("list_multipart_uploads", key, Bucket=self.bucket, Prefix=key)
-        uploads = page.get("Uploads", [])
-        for up in uploads:
-            self._call(
-                "abort_multipart_upload",
-                up["Key"],
-                Bucket=self.bucket,
-                Key=up["Key"],
-                UploadId=up["UploadId"],
+        cutoff = time.time() - older_than_s
+        marker: dict[str, str] = {}
+        aborted = 0
+        while True:
+            page = self._call(
+                "list_multipart_uploads", key, Bucket=self.bucket, Prefix=key, MaxUploads=page_size, **marker
             )
-        return len(uploads)
+            for up in page.get("Uploads", []):
+                started = up.get("Initiated")
+                if started is not None and started.timestamp() > cutoff:
+                    continue
+                self._call(
+                    "abort_multipart_upload",
+                    up["Key"],
+                    Bucket=self.bucket,
+                    Key=up["Key"],
+                    UploadId=up["UploadId"],
+                )
+                aborted += 1
+            # back exactly the markers the server gave: S3 pages by key then upload id, SeaweedFS
+            # by upload id alone (it sends no NextKeyMarker)
+            following = {
+                name: page[f"Next{name}"]
+                for name in ("KeyMarker", "UploadIdMarker")
+                if page.get(f"Next{name}")
+            }
+            if not page.get("IsTruncated") or not following or following == marker:
+                return aborted
+            marker = following
 
 
 def _gather(views: Sequence[memoryview], start: int, end: int) -> bytes:
