@@ -647,6 +647,10 @@ class Checkpointer:
         then the mirrors in order), falling back past missing or corrupt files with a warning:
         to the same step on the next tier, then to older steps. Raises ``CheckpointCorrupt``
         when checkpoints exist but none loads.
+
+        Reads land in ``state``'s tensors before they are verified (no second copy of the
+        state), so after a raise they hold parts of damaged checkpoints: re-initialise them
+        before training from scratch. A fallback overwrites every tensor it loads.
         """
         self.wait()
         started = time.perf_counter()
