@@ -147,6 +147,23 @@ def test_create_list_describe_delete_each_flavour(
             _get(api, obj)
 
 
+def test_deleting_a_job_leaves_another_jobs_objects_that_share_a_name(
+    emulator: Emulator, full_spec: dict[str, Any]
+) -> None:
+    backend = _backend(emulator)
+    foo = Job.from_dict(
+        _spec({**full_spec, "name": "foo", "rendezvous": {"store": "first-node"}}, "batch"), backend=backend
+    )
+    other = Job.from_dict(_spec({**full_spec, "name": "foo-rdzv"}, "batch"), backend=backend)
+    foo.create()
+    other.create()  # its headless Service is called foo-rdzv, as foo's store would be
+    foo.delete()
+    api = emulator.api()
+    for obj in other.manifests():
+        assert _get(api, obj)["metadata"]["labels"]["stalwart.dev/job"] == "foo-rdzv"
+    assert [s.name for s in Job.list(backend)] == ["foo-rdzv"]
+
+
 def test_a_name_that_exists_is_refused_and_nothing_is_created(
     emulator: Emulator, full_spec: dict[str, Any]
 ) -> None:

@@ -132,7 +132,8 @@ def test_with_store_first_node_the_rendezvous_host_is_the_first_pods_dns_name(
     objects = render(spec)
     assert not [o for o in objects if o["kind"] == "Deployment"]
     args = _pod_templates(objects[-1])[0]["spec"]["containers"][0]["args"]
-    assert "--rdzv-conf" not in args  # the first pod hosts it: torch's hostname match decides
+    # the first pod hosts it (torch's hostname match decides); replacements may be slow to come
+    assert args[args.index("--rdzv-conf") + 1] == "join_timeout=1800"
     if "." in host:  # a pod hostname under a subdomain: something must publish that subdomain
         services = [o for o in objects if o["kind"] == "Service"]
         jobsets = [o for o in objects if o["kind"] == "JobSet"]
@@ -173,9 +174,10 @@ def test_by_default_the_rendezvous_store_has_a_pod_of_its_own_and_every_node_is_
     assert store["image"] == full_spec["image"]
     assert "nvidia.com/gpu" not in json.dumps(store["resources"])
     assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == "ml.p5.48xlarge"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     for template in _pod_templates(objects[-1]):
         args = template["spec"]["containers"][0]["args"]
-        assert args[args.index("--rdzv-conf") + 1] == "is_host=0"
+        assert args[args.index("--rdzv-conf") + 1] == "join_timeout=1800,is_host=0,read_timeout=300"
         assert args[args.index("--rdzv-endpoint") + 1] == "llama-ft-rdzv:29400"
     explicit = render(_spec({**full_spec, "rendezvous": {"endpoint": "etcd.infra:2379"}}, flavour))
     assert not [o for o in explicit if o["kind"] == "Deployment"]
@@ -190,7 +192,7 @@ def test_exit_codes_no_pod_restart_can_fix_fail_the_job_at_once(
     assert job_spec["podFailurePolicy"]["rules"] == [
         {
             "action": "FailJob",
-            "onExitCodes": {"containerName": "stalwart", "operator": "In", "values": [1, 2, 3]},
+            "onExitCodes": {"containerName": "stalwart", "operator": "In", "values": [1, 2, 3, 4]},
         }
     ]
     assert job_spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy

@@ -54,6 +54,7 @@ def test_init_writes_a_file_that_validates_and_documents_every_field(tmp_path: P
         ({"script": None}, "script", "valid string"),
         ({"backend": "kubernetes"}, "image", "required for the kubernetes backend"),
         ({"name": "My_Job"}, "name", "not a valid job name"),
+        ({"name": "1job"}, "name", "starting with a letter"),  # Services (the store's) need one
         ({"name": "x" * 41}, "name", "longer than 40"),
         ({"env": {"1BAD": "x"}}, "env", "1BAD"),
         ({"fault": "explode:rank=1"}, "fault", "unknown kind"),
@@ -126,6 +127,12 @@ def test_overrides_address_list_items_and_reject_malformed_items() -> None:
         apply_overrides(data, ["nodes"])
     with pytest.raises(SpecError, match="not a mapping"):
         apply_overrides(data, ["name.first=x"])
+    with pytest.raises(SpecError, match="there is no item 3: the list has 1"):
+        apply_overrides(data, ["volumes.3.name=x"])  # an IndexError traceback before
+    with pytest.raises(SpecError, match=r"there is no item 5: the list has 1 \(add item 1\)"):
+        apply_overrides(data, ["volumes.5=x"])
+    appended = apply_overrides(data, ["volumes.1={name: b, mount_path: /c, pvc: d}"])
+    assert [v["name"] for v in appended["volumes"]] == ["a", "b"]
 
 
 def test_the_ladder_rungs_are_the_agents_rungs() -> None:

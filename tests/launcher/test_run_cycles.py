@@ -221,3 +221,83 @@ def test_a_user_error_on_one_node_ends_the_job_with_the_same_code_on_every_node(
     outs = [p.communicate(timeout=200)[0] for p in (a, b)]
     assert [a.returncode, b.returncode] == [3, 3], "\n=====\n".join(o[-3000:] for o in outs)
     assert "node b ended the job" in outs[0] and "user error" in outs[0]
+
+
+def _store_apart(stalwart: StalwartRunner, port: int, wait_for: Any) -> None:
+    """A store of its own, as a Kubernetes job's ``<job>-rdzv`` pod serves it (until SIGTERM)."""
+    import socket
+    import sys
+
+    stalwart.procs.start([sys.executable, "-m", "stalwart.job.store", str(port)])
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 60, what="the store")
+
+
+def test_a_node_that_waits_past_the_join_timeout_hands_itself_over_and_leaves_the_rendezvous_open(
+    stalwart: StalwartRunner, free_port: Any, wait_for: Any
+) -> None:
+    """Its peer is a replacement still coming up: exiting 1 (and closing the rendezvous) failed the
+    whole Kubernetes job, and the replacement with it."""
+    port = free_port()
+    _store_apart(stalwart, port, wait_for)
+    work = stalwart.tiny_args(8, "--step-time", "0.05")
+    alone = _agent_on(stalwart, port, "late", "a", 0, "--rdzv-conf", "is_host=0,join_timeout=3", *work)
+    out = alone.communicate(timeout=120)[0]
+    assert alone.returncode == 75, out[-3000:]
+    assert "RendezvousTimeoutError" in out and "handing this node over" in out
+    nodes = [_agent_on(stalwart, port, "late", n, 0, *work) for n in ("a", "b")]
+    outs = [p.communicate(timeout=200)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+
+
+def test_a_node_that_arrives_after_the_job_ended_exits_with_the_recorded_code(
+    stalwart: StalwartRunner, free_port: Any, wait_for: Any
+) -> None:
+    """It never completes a rendezvous, yet reads why the job ended (it exited 1 before)."""
+    port = free_port()
+    _store_apart(stalwart, port, wait_for)
+    single = ["--nnodes", "1", "--rdzv-conf", "is_host=0"]
+    work = stalwart.tiny_args(4)
+    first = _agent_on(stalwart, port, "ended", "a", 0, *single, "--pre-train-script", "false", *work)
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode == 4, out[-3000:]
+    late = _agent_on(stalwart, port, "ended", "a2", 0, *single, *work)
+    out = late.communicate(timeout=120)[0]
+    assert late.returncode == 4, out[-3000:]
+    assert "node a ended the job" in out and "pre-train script" in out
+
+
+def test_with_the_budget_spent_one_node_per_incident_hands_itself_over(
+    stalwart: StalwartRunner, free_port: Any, wait_for: Any
+) -> None:
+    """A crash fails every node's workers; each node exiting 76 cost the job one pod replacement
+    (its backoffLimit) per node. One does; the other waits for its replacement."""
+    port = free_port()
+    _store_apart(stalwart, port, wait_for)
+    work = [
+        "--max-restarts",
+        "0",
+        "--fault",
+        "crash:rank=1:step=3",
+        *stalwart.tiny_args(8, "--step-time", "0.05"),
+    ]
+    nodes = {
+        n: _agent_on(stalwart, port, "spent", n, 0, "--rdzv-conf", "is_host=0", *work) for n in ("a", "b")
+    }
+    wait_for(lambda: any(p.poll() is not None for p in nodes.values()), 120, what="a node to hand over")
+    gone = next(n for n, p in nodes.items() if p.poll() is not None)
+    stayed = next(n for n in nodes if n != gone)
+    out = nodes[gone].communicate(timeout=30)[0]
+    assert nodes[gone].returncode == 76, out[-3000:]
+    assert nodes[stayed].poll() is None  # waiting in the rendezvous, not handed over too
+    replacement = _agent_on(stalwart, port, "spent", gone, 0, "--rdzv-conf", "is_host=0", *work)
+    outs = [p.communicate(timeout=200)[0] for p in (nodes[stayed], replacement)]
+    assert [nodes[stayed].returncode, replacement.returncode] == [0, 0], "\n=====\n".join(
+        o[-3000:] for o in outs
+    )
+    assert "another node handed itself over; waiting for its replacement" in outs[0]
+    assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 8

@@ -32,8 +32,10 @@ from torch.distributed.elastic.agent.server.api import (
 from torch.distributed.elastic.multiprocessing import Std
 from torch.distributed.elastic.rendezvous import (
     RendezvousClosedError,
+    RendezvousConnectionError,
     RendezvousError,
     RendezvousGracefulExitError,
+    RendezvousTimeoutError,
 )
 
 from stalwart.agent import policy
@@ -42,6 +44,7 @@ from stalwart.agent.failures import WorkerFailure, exit_fault, format_failure
 from stalwart.agent.jobstore import JobStore
 from stalwart.agent.policy import AgentState, Budget, Decision, Verdict
 from stalwart.agent.procs import OutputPump, make_launcher, stop_processes
+from stalwart.agent.rendezvous import backend_store
 from stalwart.agent.status import AgentMetrics, StatusServer
 from stalwart.agent.timeline import Timeline, format_incidents, load_events, summarize
 from stalwart.agent.workerenv import error_file, launch_spec, run_script
@@ -116,7 +119,7 @@ class StalwartAgent(SimpleElasticAgent):
             except RendezvousClosedError:
                 self._set_exit(*self._ended_elsewhere())
             except RendezvousError as exc:
-                self._set_exit(policy.EXIT_FAILED, f"rendezvous failed: {type(exc).__name__}: {exc}")
+                self._set_exit(*_rendezvous_exit(exc))
             except ScriptFailed as exc:
                 self._set_exit(exc.exit_code, str(exc))
             except Exception as exc:
@@ -203,6 +206,7 @@ class StalwartAgent(SimpleElasticAgent):
     def _recorded_end(self) -> tuple[int, str] | None:
         """(exit code, reason) that the node which ended the job recorded, if it could."""
         try:
+            self._jobstore.attach(backend_store(self._worker_group.spec.rdzv_handler))
             ended = self._jobstore.ended()
         except Exception:  # the store went with the node that hosted it
             return None
@@ -272,6 +276,16 @@ class StalwartAgent(SimpleElasticAgent):
             if d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
                 # Another node already spent the budget on this very incident: follow its restart.
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: joining another node's restart")
+            elif d.exit_code == policy.EXIT_BUDGET_SPENT and not self._jobstore.claim_handover(
+                self._generation
+            ):
+                # One incident fails the workers of every node, but one pod is enough to hand
+                # over (each costs the job's backoffLimit): the first node does, the others wait
+                # in the rendezvous for its replacement.
+                d = Decision(
+                    Verdict.RESTART,
+                    f"{fault.kind.value}: another node handed itself over; waiting for its replacement",
+                )
             self.timeline.emit(
                 "fault", self._generation, fault=fault.to_json(), verdict=d.verdict.value, decision=d.reason
             )
@@ -509,6 +523,10 @@ class StalwartAgent(SimpleElasticAgent):
         except ScriptFailed as exc:
             self._set_exit(exc.exit_code, str(exc))  # before the rendezvous closes: recorded below
             raise
+        except RendezvousError as exc:
+            if not isinstance(exc, RendezvousClosedError | RendezvousGracefulExitError):
+                self._set_exit(*_rendezvous_exit(exc))  # decides below whether to close it
+            raise
         finally:
             self._shutdown()
             if self._exit_code in policy.HAND_OVER_CODES:
@@ -575,3 +593,17 @@ class StalwartAgent(SimpleElasticAgent):
     def _on_line(self, local_rank: int, line: str) -> None:
         for monitor in self.cfg.monitors:
             monitor.on_line(local_rank, line)
+
+
+def _rendezvous_exit(exc: RendezvousError) -> tuple[int, str]:
+    """Exit code and reason for a rendezvous that failed (not closed by another node).
+
+    Waiting longer than ``join_timeout`` for the other nodes (a replacement that is slow to
+    come), or not reaching the store (its pod still starting), asks for this node to be
+    replaced and leaves the rendezvous open: exiting 1 would fail the whole job
+    (``podFailurePolicy``) and closing the rendezvous would fail the replacement too.
+    """
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, RendezvousTimeoutError | RendezvousConnectionError):
+        return policy.EXIT_REPLACE_NODE, f"rendezvous failed ({what}); handing this node over"
+    return policy.EXIT_FAILED, f"rendezvous failed: {what}"

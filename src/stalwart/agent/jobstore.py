@@ -50,6 +50,12 @@ class JobStore:
             raise RuntimeError("JobStore used before the first rendezvous")
         return self._base
 
+    def attach(self, store: Store | None) -> None:
+        """Use ``store`` (the rendezvous backend's) before any round completed: a node that
+        arrives after the job ended reads why through it."""
+        if self._base is None and store is not None:
+            self._base = _base_store(store)
+
     def sync_generation(
         self, round_store: Store, group_rank: int, group_world_size: int, fresh_round: bool
     ) -> int:
@@ -96,6 +102,11 @@ class JobStore:
         first = self.base.add(self._key(f"restart_claim/{generation}"), 1) == 1
         used = self.base.add(self._key("restarts"), 1 if first else 0)
         return first, int(used)
+
+    def claim_handover(self, generation: int) -> bool:
+        """Whether this agent is the first to hand its node over out of ``generation`` (the
+        restart budget is spent); the others wait in the rendezvous for its replacement."""
+        return bool(self.base.add(self._key(f"handover_claim/{generation}"), 1) == 1)
 
     def host_worker_store(self, round_store: Store, generation: int, host: str) -> tuple[str, int]:
         """On group rank 0: start a fresh TCPStore for the workers of ``generation`` and publish it."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["auto_poll_interval", "set_poll_interval", "tune_handler"]
+__all__ = ["auto_poll_interval", "backend_store", "set_poll_interval", "tune_handler"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +69,15 @@ def tune_handler(handler: object, seconds: float) -> bool:
     # which the handler's factory does not expose.
     holder._cache_duration = seconds
     return True
+
+
+def backend_store(handler: object) -> Any:
+    """The store under ``handler``'s rendezvous (c10d: its TCPStore), reachable before the first
+    round completes; None when the handler has none (static, etcd) or torch moved it.
+
+    A node that arrives after the job ended never completes a round, yet must read why it ended
+    (the job-wide keys live in this store) to exit with the same code as the others.
+    """
+    # HACK: torch exposes a rendezvous's store only through a completed round (RendezvousInfo).
+    holder = getattr(handler, "_state_holder", None)
+    return getattr(getattr(holder, "_backend", None), "_store", None)

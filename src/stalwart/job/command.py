@@ -24,6 +24,8 @@ __all__ = [
     "run_args",
 ]
 
+_STORE_CONNECT_S = 300
+
 ENV_LAUNCHER = "STALWART_JOB_LAUNCHER"
 """Hidden setting for the local backend: ``torchrun`` runs nodes under plain torchrun."""
 
@@ -107,8 +109,14 @@ def run_args(
         "--tee",
         "3",
     ]
+    conf = [f"join_timeout={spec.rendezvous.join_timeout_s}"]
     if is_host is not None:
-        args += ["--rdzv-conf", f"is_host={int(is_host)}"]
+        conf.append(f"is_host={int(is_host)}")
+    if is_host is False:
+        # a client waits this long for the store to listen (torch: 60 s), as long as a pod of
+        # its own may take to pull the image and start
+        conf.append(f"read_timeout={_STORE_CONNECT_S}")
+    args += ["--rdzv-conf", ",".join(conf)]
     if local_addr:
         args += ["--local-addr", local_addr]
     if log_dir:

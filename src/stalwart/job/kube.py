@@ -495,11 +495,30 @@ class KubernetesBackend:
         spec = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind")}
         self._delete_one({**spec, "metadata": {"name": name, "namespace": self.namespace}}, missing_ok=False)
         if flavour in ("hyperpod", "batch"):  # their headless Service
-            self._delete_one({"kind": "Service", "metadata": {"name": name, "namespace": self.namespace}})
+            self._delete_if_ours("Service", name, name)
         for kind in ("Deployment", "Service"):  # the rendezvous store, when it has a pod of its own
-            self._delete_one(
-                {"kind": kind, "metadata": {"name": store_name(name), "namespace": self.namespace}}
+            self._delete_if_ours(kind, store_name(name), name, store=True)
+
+    def _delete_if_ours(self, kind: str, name: str, job: str, store: bool = False) -> None:
+        """Delete ``kind``/``name`` if it is ``job``'s (its labels say so): another job may be
+        called ``<job>-rdzv``, and a Service of that name may be its own."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        core, apps = client.CoreV1Api(self.api), client.AppsV1Api(self.api)
+        read = core.read_namespaced_service if kind == "Service" else apps.read_namespaced_deployment
+        try:
+            obj = self.api.sanitize_for_serialization(
+                self._call(f"read a {kind}", read, name, self.namespace)
             )
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise JobError(f"reading {kind}/{name}: {exc.status} {exc.reason}") from None
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        if labels.get(LABEL_JOB) != job or bool(labels.get(LABEL_ROLE)) != store:
+            return
+        self._delete_one({"kind": kind, "metadata": {"name": name, "namespace": self.namespace}})
 
 
 def _nodes_of(flavour: str, spec: dict[str, Any]) -> str:

@@ -225,7 +225,13 @@ def _store_objects(spec: JobSpec) -> list[Manifest]:
     }
     if spec.kubernetes.image_pull_policy:
         container["imagePullPolicy"] = spec.kubernetes.image_pull_policy
-    pod: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": 10}
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "terminationGracePeriodSeconds": 10,
+        # GPU nodes are commonly tainted for pods that ask for GPUs; the store asks for none, and
+        # on a cluster of GPU nodes alone it would otherwise never be scheduled
+        "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+    }
     node_selector = dict(spec.scheduling.node_selector)
     if spec.scheduling.instance_type:
         node_selector["node.kubernetes.io/instance-type"] = spec.scheduling.instance_type
@@ -325,10 +331,11 @@ def render_pytorchjob(spec: JobSpec) -> list[Manifest]:
 
 
 # ``stalwart run`` exit codes that no pod restart can fix: 1 the job failed (another node closed the
-# rendezvous), 2 usage error, 3 user error (the script failed the same way twice at start-up).
-# 75 (sick node) and 76 (the agents' restart budget is spent) are the ladder's last rung: the pod
-# is replaced, up to the job's backoff limit.
-_FATAL_EXIT_CODES = [1, 2, 3]
+# rendezvous), 2 usage error, 3 user error (the script failed the same way twice at start-up), 4 a
+# pre- or post-train script failed (that node closed the rendezvous: a replacement could only find
+# it closed). 75 (a sick node, or a rendezvous that timed out) and 76 (the agents' restart budget
+# is spent) are the ladder's last rung: the pod is replaced, up to the job's backoff limit.
+_FATAL_EXIT_CODES = [1, 2, 3, 4]
 
 
 def _pod_failure_policy(container: str) -> dict[str, Any]:

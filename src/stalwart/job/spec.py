@@ -38,6 +38,8 @@ FLAVOURS = ("hyperpod", "pytorchjob", "jobset", "batch")
 RUNGS = ("in_process", "startup_retry", "restart_workers", "exit")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# DNS-1035: a job's name also names Services, which must start with a letter
+_JOB_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
 # Pod hostnames are "<job>-node-<i>-<j>" (JobSet) and must stay within 63 characters.
@@ -248,6 +250,10 @@ class Rendezvous(_Model):
     port: int = Field(29400, ge=1, le=65535)
     endpoint: str | None = None
     store: Literal["pod", "first-node"] = "pod"
+    join_timeout_s: int = Field(1800, ge=1)
+    """How long nodes wait for each other at a rendezvous (torch: 600 s): at the start, and for a
+    replacement node, which on a cluster may need a new instance first. A node that waits longer
+    asks to be replaced (exit 75) and leaves the rendezvous open."""
 
 
 class JobSpec(_Model):
@@ -277,10 +283,10 @@ class JobSpec(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _DNS_LABEL.match(v):
+        if not _JOB_NAME.match(v):
             raise ValueError(
                 f"{v!r} is not a valid job name: use lower-case letters, digits and '-', "
-                "starting and ending with a letter or digit"
+                "starting with a letter and ending with a letter or digit"
             )
         if len(v) > MAX_NAME_LEN:
             raise ValueError(f"{v!r} is longer than {MAX_NAME_LEN} characters")
@@ -455,6 +461,10 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         keys = path.split(".")
         cur: Any = out
         for i, key in enumerate(keys[:-1]):
+            if isinstance(cur, list) and key.isdigit() and int(key) >= len(cur):
+                raise SpecError(
+                    [(".".join(keys[: i + 1]), f"there is no item {key}: the list has {len(cur)}")]
+                )
             nxt = cur[int(key)] if isinstance(cur, list) and key.isdigit() else None
             if isinstance(cur, dict):
                 nxt = cur.setdefault(key, {})
@@ -466,7 +476,14 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         last = keys[-1]
         value = raw if keys[0] == "env" or path in ("name", "image", "script") else _coerce(raw)
         if isinstance(cur, list) and last.isdigit():
-            cur[int(last)] = value
+            if int(last) > len(cur):
+                raise SpecError(
+                    [(path, f"there is no item {last}: the list has {len(cur)} (add item {len(cur)})")]
+                )
+            if int(last) == len(cur):
+                cur.append(value)
+            else:
+                cur[int(last)] = value
         else:
             cur[last] = value
     return out
