@@ -136,6 +136,36 @@ def test_busy_notices_extend_the_timeout_and_exiting_ranks_are_not_judged() -> N
     assert f.rank == 10 and f.evidence["stalled_ranks"] == [10]
 
 
+def test_a_busy_phase_is_not_learned_as_a_step_interval() -> None:
+    # a 300 s blocking save announced with busy(400) used to set the timeout to 1.5 x 300 s for
+    # the next 50 steps: a real hang right after took minutes to catch instead of seconds
+    clock = Clock()
+    m = HangMonitor(HangConfig(factor=3, floor=2))
+    m.start(context(clock))
+    _learn(clock, m, interval=1.0, steps=30, ranks=1)
+    before = m.timeout_for(m._ranks[10])
+    m.on_report(Report(rank=10, local_rank=0, step=30, time=clock(), pid=1, metrics={METRIC_BUSY: 400.0}))
+    clock.advance(300)
+    for step in range(31, 37):
+        _report(clock, m, step)
+        clock.advance(1.0)
+    assert m.timeout_for(m._ranks[10]) == pytest.approx(before)
+
+
+def test_a_step_counter_that_restarts_each_epoch_is_progress_not_a_hang() -> None:
+    clock = Clock()
+    m = HangMonitor(HangConfig(factor=3, floor=2))
+    m.start(context(clock))
+    for _epoch in range(3):
+        for step in range(20):  # enumerate(loader): 0, 1, ... again every epoch
+            _report(clock, m, step)
+            clock.advance(1.0)
+            assert m.poll(clock()) == [], f"a hang in healthy training at step {step}"
+    clock.advance(10)
+    [f] = m.poll(clock())  # a real stall is still caught
+    assert f.kind is FaultKind.HANG
+
+
 def test_without_reports_falls_back_to_log_silence() -> None:
     clock = Clock()
     m = HangMonitor(HangConfig(log_silence=60))

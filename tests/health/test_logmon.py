@@ -31,6 +31,15 @@ def test_fault_on_match_searches_anywhere_on_every_rank() -> None:
     assert m.state("fatal", 1) is RuleState.FAULTED
 
 
+def test_a_user_rule_sees_the_line_as_printed_with_its_leading_tag() -> None:
+    # HyperPod matches the raw line; stalwart stripped a leading "[ERROR]:" before every rule
+    clock = Clock()
+    m = _monitor([{"name": "err", "logPattern": r"^\[ERROR\]: CUDA", "faultOnMatch": True}], clock)
+    m.on_line(0, "[ERROR]: CUDA error: an illegal memory access was encountered\n")
+    [f] = m.poll(clock())
+    assert f.evidence["rule"] == "err" and f.evidence["line"].startswith("[ERROR]: CUDA")
+
+
 def test_metric_rule_needs_consecutive_breaches_and_compares_floats() -> None:
     clock = Clock()
     rule = {

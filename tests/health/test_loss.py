@@ -26,6 +26,7 @@ from .clock import Clock, context
         ("train_loss=1.5e-3", 1.5e-3),
         ("Loss: 0.25", 0.25),
         ("loss: tensor(nan, grad_fn=<AddBackward0>)", math.nan),
+        ("{'loss': 0.7, 'eval_loss': 3.9}", 0.7),  # the training loss, not the evaluation's
     ],
 )
 def test_parses_common_loss_lines(line: str, value: float) -> None:
@@ -34,7 +35,18 @@ def test_parses_common_loss_lines(line: str, value: float) -> None:
     assert (math.isnan(got) and math.isnan(value)) or got == value
 
 
-@pytest.mark.parametrize("line", ["loss_scale: 65536", "lossy compression 3", "no numbers here", "closs: 1"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "loss_scale: 65536",
+        "lossy compression 3",
+        "no numbers here",
+        "closs: 1",
+        "{'eval_loss': 3.91, 'eval_runtime': 12.0}",  # evaluations are not the training curve
+        "val_loss=4.2",
+        "Eval loss: nan",
+    ],
+)
 def test_ignores_lines_that_only_look_like_loss(line: str) -> None:
     assert parse_loss_line(line) is None
 
@@ -93,6 +105,27 @@ def test_spike_detector_flags_a_jump_but_not_noise() -> None:
     assert f.evidence["zscore"] > 6
     m.on_report(_report(0, 401, loss * 1.5))  # the spike stayed out of the window: still a spike
     assert [x.kind for x in m.poll(clock())] == [FaultKind.LOSS_SPIKE]
+
+
+def test_a_level_that_lasts_is_learned_and_a_restart_learns_the_level_again() -> None:
+    # the window never took spikes in: after a lasting rise every later step was a spike, and
+    # with spike_action=restart the job restarted until its budget was spent
+    clock = Clock()
+    m = LossMonitor(LossConfig(spike_action=Action.RESTART))
+    m.start(context(clock))
+    rng = random.Random(1)
+    for step in range(1, 100):
+        m.on_report(_report(0, step, 1.0 + rng.gauss(0, 0.01)))
+    for step in range(100, 200):
+        m.on_report(_report(0, step, 3.0 + rng.gauss(0, 0.03)))
+    spikes = [f for f in m.poll(clock()) if f.kind is FaultKind.LOSS_SPIKE]
+    assert len(spikes) == LossConfig().spike_min_samples  # then 3.0 is the level
+    ctx = context(clock)
+    ctx.generation = 1  # restarted, from an older checkpoint: back to 1.0
+    m.start(ctx)
+    for step in range(50, 80):
+        m.on_report(_report(0, step, 1.0 + rng.gauss(0, 0.01), generation=1))
+    assert m.poll(clock()) == []
 
 
 def test_no_spike_verdict_before_min_samples_and_flat_windows_are_safe() -> None:

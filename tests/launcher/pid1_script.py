@@ -59,7 +59,7 @@ def _signal() -> int:
         got.append(sig)
         ev.set()
 
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGINT):
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, handler)
     print("ready", flush=True)
     ev.wait(60)

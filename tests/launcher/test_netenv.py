@@ -93,6 +93,13 @@ def test_user_values_are_never_overridden(tmp_path: Path) -> None:
     assert {k for k, v in sources.items() if v == "user"} == set(user)
 
 
+def test_the_old_name_of_async_error_handling_set_by_the_user_is_kept(tmp_path: Path) -> None:
+    # torch reads TORCH_NCCL_ASYNC_ERROR_HANDLING first: setting it overrode the user's old spelling
+    env = {"NCCL_ASYNC_ERROR_HANDLING": "0"}
+    configure_network_env(env, sys_root=make_sysfs(tmp_path))
+    assert env == {**env, "NCCL_ASYNC_ERROR_HANDLING": "0"} and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env
+
+
 def test_efa_detected_by_driver_even_without_rdmap_name(tmp_path: Path) -> None:
     root = make_sysfs(tmp_path, efa={"efa_0": "0xefa3"})
     devs = detect_efa_devices(root)

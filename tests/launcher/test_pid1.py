@@ -88,7 +88,7 @@ def _pid1_of(unshare: subprocess.Popen) -> psutil.Process:
 
 
 @needs_unshare
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
 def test_init_forwards_signals_and_exits_with_the_agents_code(spawn, sig: signal.Signals) -> None:
     p = spawn("signal")
     assert p.stdout is not None

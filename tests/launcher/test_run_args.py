@@ -48,6 +48,17 @@ def test_bad_flags_exit_2_naming_the_flag(
     assert message in capsys.readouterr().err
 
 
+def test_torchrun_flags_stalwart_ignores_are_named_not_dropped_unseen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _config(tmp_path, "--numa-binding", "node", "--virtual-local-rank", "--start-method", "fork")
+    err = capsys.readouterr().err
+    for flag in ("--numa-binding", "--virtual-local-rank", "--start-method"):
+        assert f"stalwart run: {flag} is a torchrun flag stalwart does not support yet; it is ignored" in err
+    _config(tmp_path, "--start-method", "spawn")  # torchrun's default: nothing to say
+    assert "does not support" not in capsys.readouterr().err
+
+
 def test_a_missing_script_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         parse(["--nproc-per-node", "2"])

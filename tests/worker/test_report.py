@@ -143,3 +143,21 @@ def test_fault_specs_parse() -> None:
     [crash, slow] = parse_faults("crash:rank=1:step=20:signal=term, slow:rank=2:factor=3")
     assert (crash.kind, crash.rank, crash.step, crash.signal) == ("crash", 1, 20, 15)
     assert (slow.kind, slow.factor, slow.once) == ("slow", 3.0, True)
+    # the README's own spelling (SIGSIGSEGV before), and the number
+    assert [f.signal for f in parse_faults("crash:signal=SIGSEGV,crash:signal=segv,crash:signal=11")] == [
+        11
+    ] * 3
+
+
+def test_a_fault_fires_once_per_job_even_where_another_job_left_its_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stalwart.worker import faults
+
+    monkeypatch.setenv("STALWART_FAULT_MARKER_DIR", str(tmp_path))  # a reused --log-dir
+    fired = []
+    for job in ("job-1", "job-1", "job-2"):
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        [spec] = parse_faults("nan:rank=0:step=1")
+        fired.append(faults._claim(spec))
+    assert fired == [True, False, True]  # once per job, and the second job still gets its fault

@@ -141,9 +141,10 @@ class HangMonitor(MonitorBase):
                 r.intervals = deque(maxlen=self.config.window)
             if report.metrics and self._notice(r, report, now):
                 return
-            if report.step <= r.last_step:
-                return  # a repeated step is not progress
-            if r.reports > self.config.warmup:
+            if report.step == r.last_step:
+                return  # a repeated step is not progress; a lower one is (a per-epoch counter)
+            announced = r.busy_until > r.last_time  # the gap held a busy() phase: not a step's pace
+            if r.reports > self.config.warmup and not announced:
                 interval = now - r.last_time
                 r.intervals.append(interval)
                 if self.metrics is not None:

@@ -105,7 +105,8 @@ class LogRuleMonitor(MonitorBase):
             if not self.running:
                 return
             now = self._now()
-            text = _PREFIX.sub("", line.rstrip("\r\n"), count=1)
+            raw = line.rstrip("\r\n")
+            text = _PREFIX.sub("", raw, count=1)  # for the built-in rules; user rules see the line
             if local_rank in self._tracebacks and self._continue_traceback(local_rank, text, now):
                 return
             classified = False
@@ -116,12 +117,13 @@ class LogRuleMonitor(MonitorBase):
                 rs = run.ranks.setdefault(local_rank, _RankState())
                 if rs.stopped:
                     continue
-                if rule.stop_pattern is not None and rule.stop_pattern.search(text):
+                seen = text if rule.builtin else raw  # as HyperPod matches: the line as printed
+                if rule.stop_pattern is not None and rule.stop_pattern.search(seen):
                     rs.stopped = run.stopped = True
                     continue
                 if rule.builtin and classified:
                     continue
-                m = rule.pattern.search(text)
+                m = rule.pattern.search(seen)
                 if m is None:
                     continue
                 classified = classified or rule.builtin
@@ -130,7 +132,7 @@ class LogRuleMonitor(MonitorBase):
                     run.timed_state = RuleState.HEALTHY
                 if self.metrics is not None:
                     self.metrics.log_rule_matches.labels(rule=rule.name).inc()
-                self._match(run, rs, local_rank, m, text, now)
+                self._match(run, rs, local_rank, m, seen, now)
 
     def _match(
         self, run: _RuleRun, rs: _RankState, local_rank: int, m: re.Match[str], text: str, now: float

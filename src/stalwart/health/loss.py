@@ -25,9 +25,11 @@ from stalwart.worker.api import Report
 
 __all__ = ["LOSS_LINE", "LossConfig", "LossMonitor", "parse_loss_line", "robust_zscore"]
 
-# "loss" not preceded by a letter (train_loss, lm loss), then optional quote, separator, quote.
+# "loss" not preceded by a letter (train_loss, lm loss), nor by "eval_"/"val_"/"valid_"/"test_"
+# (an evaluation's loss is not the training curve), then optional quote, separator, quote.
 LOSS_LINE = re.compile(
-    r"""(?<![A-Za-z])loss['"]?\s*[:=]?\s*['"]?(?:tensor\()?"""
+    r"""(?<![A-Za-z])(?<!eval_)(?<!val_)(?<!valid_)(?<!test_)(?<!eval\s)(?<!val\s)"""
+    r"""loss['"]?\s*[:=]?\s*['"]?(?:tensor\()?"""
     r"""([-+]?(?:nan|inf(?:inity)?|\d+\.?\d*(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?))(?![\w.])""",
     re.IGNORECASE,
 )
@@ -87,11 +89,16 @@ class LossMonitor(MonitorBase):
         super().__init__()
         self.config = config or LossConfig()
         self._windows: dict[int, deque[float]] = {}
+        self._spikes: dict[int, list[float]] = {}  # each rank's spikes in a row, newest last
         self._reporting: set[int] = set()  # ranks whose reports carry a loss this generation
         self._nan_fired = False
 
     def _on_start(self, ctx: MonitorContext) -> None:
-        # Windows survive restarts (the loss curve continues from the checkpoint); sources do not.
+        # A restarted generation resumes from a checkpoint, maybe an older one than the steps the
+        # window saw: its level is learned again (a window that survived flagged every step of a
+        # new level, and with spike_action=restart, restarted until the budget was spent).
+        self._windows = {}
+        self._spikes = {}
         self._reporting = set()
         self._nan_fired = False
 
@@ -164,7 +171,15 @@ class LossMonitor(MonitorBase):
                         rank,
                         local_rank,
                     )
-                return  # keep the spike out of the window
+                spikes = self._spikes.setdefault(rank, [])
+                spikes.append(loss)
+                if len(spikes) >= self.config.spike_min_samples:
+                    # a level that lasts is the new normal, not a run of spikes: learn it
+                    window.clear()
+                    window.extend(spikes)
+                    spikes.clear()
+                return  # keep a spike out of the window
+        self._spikes.pop(rank, None)
         window.append(loss)
 
     def _fault(

@@ -87,10 +87,10 @@ class StragglerMonitor(MonitorBase):
                 r = self._ranks[report.rank] = _Rank(
                     report.rank, report.local_rank, times=deque(maxlen=self.config.window)
                 )
-            if report.step <= r.last_step:
-                return
+            if report.step == r.last_step:
+                return  # a lower step is a counter that restarts each epoch: still a step
             step_time = report.metrics.get(STEP_TIME_METRIC)
-            if step_time is None and r.last_time is not None:
+            if step_time is None and r.last_time is not None and report.step > r.last_step:
                 step_time = (report.time - r.last_time) / max(1, report.step - r.last_step)
             if step_time is not None and step_time >= 0:
                 r.times.append(step_time)

@@ -231,11 +231,39 @@ def _worker_host(args: argparse.Namespace, endpoint: str) -> str:
     return socket.getfqdn()
 
 
+# torchrun flags stalwart parses (so torchrun command lines run) but does not act on, and their
+# torchrun defaults: given anything else, they are named on stderr rather than dropped unseen
+UNSUPPORTED_FLAGS = {
+    "virtual_local_rank": ("--virtual-local-rank", False),
+    "numa_binding": ("--numa-binding", None),
+    "duplicate_stdout_filters": ("--duplicate-stdout-filters", []),
+    "duplicate_stderr_filters": ("--duplicate-stderr-filters", []),
+    "logs_specs": ("--logs-specs", None),
+    "event_log_handler": ("--event-log-handler", "null"),
+    "start_method": ("--start-method", "spawn"),
+}
+
+
+def unsupported_flags(args: argparse.Namespace) -> list[str]:
+    """The torchrun flags in ``args`` that stalwart ignores, given other than torchrun's default."""
+    return [
+        flag
+        for dest, (flag, default) in UNSUPPORTED_FLAGS.items()
+        if getattr(args, dest, default) not in (default, None)
+    ]
+
+
 def build_config(
     args: argparse.Namespace, environ: Mapping[str, str], worker_env: dict[str, str]
 ) -> AgentConfig:
     """Resolve parsed flags into the agent's config. ``worker_env`` is the workers' base env."""
     _resolve_rendezvous(args)
+    for flag in unsupported_flags(args):
+        print(
+            f"stalwart run: {flag} is a torchrun flag stalwart does not support yet; it is ignored",
+            file=sys.stderr,
+            flush=True,
+        )
     min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
     try:
         nproc = determine_local_world_size(args.nproc_per_node)

@@ -186,7 +186,17 @@ def plan_network_env(
             name = (
                 user_set[0] if user_set else flight_recorder_buffer_var(torch_version or _installed_torch())
             )
-        if name in environ:
+        if key == ASYNC_ERROR_HANDLING and name not in environ and "NCCL_ASYNC_ERROR_HANDLING" in environ:
+            # torch reads the TORCH_ name first: setting it would override the user's old spelling
+            plan.append(
+                EnvSetting(
+                    "NCCL_ASYNC_ERROR_HANDLING",
+                    environ["NCCL_ASYNC_ERROR_HANDLING"],
+                    "user",
+                    "set by the user: kept",
+                )
+            )
+        elif name in environ:
             plan.append(EnvSetting(name, environ[name], "user", "set by the user: kept"))
         elif value is not None:
             plan.append(EnvSetting(name, value, "stalwart", reason))

@@ -33,7 +33,15 @@ __all__ = ["ENV_INIT", "FORWARDED_SIGNALS", "LEFTOVER_GRACE_S", "run_as_init", "
 ENV_INIT = "STALWART_INIT"
 """``1`` forces init mode even when this process is not PID 1; ``0`` disables it even as PID 1."""
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# torch's --signals-to-handle default (SIGQUIT included) plus the user signals
+FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 LEFTOVER_GRACE_S = 5.0
 """Seconds processes left behind by the agent get between SIGTERM and SIGKILL."""
 

@@ -73,7 +73,11 @@ def parse_faults(text: str) -> list[FaultSpec]:
             try:
                 if key in _INT_KEYS:
                     v: object = (
-                        int(signal.Signals["SIG" + value.upper()])
+                        int(
+                            signal.Signals[
+                                value.upper() if value.upper().startswith("SIG") else "SIG" + value.upper()
+                            ]
+                        )
                         if key == "signal" and not value.isdigit()
                         else int(value)
                     )
@@ -125,7 +129,9 @@ def _claim(spec: FaultSpec) -> bool:
         tempfile.gettempdir(), "stalwart-faults"
     )
     os.makedirs(marker_dir, exist_ok=True)
-    name = hashlib.sha1(spec.text.encode()).hexdigest()[:16]
+    # once per job: another job (run id) that finds this directory, reused, fires its own
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    name = hashlib.sha1(f"{job}\n{spec.text}".encode()).hexdigest()[:16]
     try:
         fd = os.open(os.path.join(marker_dir, f"fault-{name}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
