@@ -217,6 +217,24 @@ def test_retention_plan_after_a_resume_from_an_older_step() -> None:
     assert plan_retention([1, 3, 5], [2, 6], 1, 0) == [1, 2, 3]  # offline (gc): the newest commit decides
 
 
+def test_a_purge_that_runs_after_a_later_commit_does_not_warn_about_this_runs_own_step(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    from stalwart.checkpoint.retention import apply_retention
+
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False))
+    for step in (10, 20, 30):
+        ck.save(step, _state(1), blocking=True)
+    ck.wait()
+    caplog.clear()
+    storage = open_storage(str(tmp_path / "ck"))
+    apply_retention(storage, 3, newest=20, ours=frozenset({10, 20, 30}))  # step 20's purge, late
+    assert "newer than step" not in caplog.text
+    apply_retention(storage, 3, newest=20)  # 30 from elsewhere: that is worth a word
+    assert "steps [30] in" in caplog.text
+    ck.close()
+
+
 def test_a_run_resumed_past_a_damaged_checkpoint_keeps_its_saves_and_rewrites_that_step(
     tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
 ) -> None:

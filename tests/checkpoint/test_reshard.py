@@ -160,3 +160,8 @@ def test_a_rank_saving_the_same_step_again_waits_for_rank_0s_commit_of_the_first
     # rank 1's second write used to land under the checksums rank 0 was committing: step 3
     # committed with a shard that failed them
     _run_two_ranks("same-step-twice", tmp_path / "ck", tmp_path)  # both ranks load step 3
+
+
+def test_a_rank_saving_a_step_again_does_not_wait_for_a_commit_rank_0_gave_up(tmp_path: Path) -> None:
+    # rank 0 leaves a note when it gives an attempt up; waiting for the manifest took 600 s
+    _run_two_ranks("gave-up", tmp_path / "ck", tmp_path)  # 120 s limit

@@ -150,6 +150,13 @@ def test_a_busy_phase_is_not_learned_as_a_step_interval() -> None:
         _report(clock, m, step)
         clock.advance(1.0)
     assert m.timeout_for(m._ranks[10]) == pytest.approx(before)
+    # a generous allowance for a short save does not stop the learning after it
+    m.on_report(Report(rank=10, local_rank=0, step=36, time=clock(), pid=1, metrics={METRIC_BUSY: 60.0}))
+    clock.advance(1.0)
+    for step in range(37, 90):
+        _report(clock, m, step)
+        clock.advance(0.5)  # the pace changed after the save: it is learned at once
+    assert m.timeout_for(m._ranks[10]) == pytest.approx(2.0)  # the floor: 3 x 0.5 s is less
 
 
 def test_a_step_counter_that_restarts_each_epoch_is_progress_not_a_hang() -> None:

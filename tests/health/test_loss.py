@@ -27,6 +27,8 @@ from .clock import Clock, context
         ("Loss: 0.25", 0.25),
         ("loss: tensor(nan, grad_fn=<AddBackward0>)", math.nan),
         ("{'loss': 0.7, 'eval_loss': 3.9}", 0.7),  # the training loss, not the evaluation's
+        ("interval_loss: 1.2", 1.2),
+        ("\x1b[31mstep:  1  \x1b[32mloss:  7.1234  \x1b[33mmemory: 1.2GiB", 7.1234),  # torchtitan
     ],
 )
 def test_parses_common_loss_lines(line: str, value: float) -> None:
@@ -45,6 +47,8 @@ def test_parses_common_loss_lines(line: str, value: float) -> None:
         "{'eval_loss': 3.91, 'eval_runtime': 12.0}",  # evaluations are not the training curve
         "val_loss=4.2",
         "Eval loss: nan",
+        "val/loss=2.100",  # Lightning
+        "test loss: 1.5",
     ],
 )
 def test_ignores_lines_that_only_look_like_loss(line: str) -> None:

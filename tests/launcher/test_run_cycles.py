@@ -301,3 +301,16 @@ def test_with_the_budget_spent_one_node_per_incident_hands_itself_over(
     )
     assert "another node handed itself over; waiting for its replacement" in outs[0]
     assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 8
+
+
+def test_a_node_that_cannot_reach_its_store_at_start_hands_itself_over(
+    stalwart: StalwartRunner, free_port: Any
+) -> None:
+    """The store's pod may still be pulling its image: 1 would fail the whole Kubernetes job."""
+    port = free_port()  # nothing listens there
+    p = _agent_on(
+        stalwart, port, "nostore", "a", 0, "--rdzv-conf", "is_host=0,read_timeout=2", *stalwart.tiny_args(2)
+    )
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 75, out[-3000:]
+    assert "cannot reach the c10d rendezvous" in out

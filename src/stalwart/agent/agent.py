@@ -53,7 +53,7 @@ from stalwart.health.api import Fault, MonitorContext
 from stalwart.worker import api as wapi
 from stalwart.worker.channel import ReportReceiver
 
-__all__ = ["StalwartAgent"]
+__all__ = ["StalwartAgent", "rendezvous_exit"]
 
 _WORKER_EVENT = re.compile(r"[a-z][a-z0-9_]{0,47}")
 _AGENT_EVENTS = frozenset(
@@ -119,7 +119,7 @@ class StalwartAgent(SimpleElasticAgent):
             except RendezvousClosedError:
                 self._set_exit(*self._ended_elsewhere())
             except RendezvousError as exc:
-                self._set_exit(*_rendezvous_exit(exc))
+                self._set_exit(*rendezvous_exit(exc))
             except ScriptFailed as exc:
                 self._set_exit(exc.exit_code, str(exc))
             except Exception as exc:
@@ -525,7 +525,7 @@ class StalwartAgent(SimpleElasticAgent):
             raise
         except RendezvousError as exc:
             if not isinstance(exc, RendezvousClosedError | RendezvousGracefulExitError):
-                self._set_exit(*_rendezvous_exit(exc))  # decides below whether to close it
+                self._set_exit(*rendezvous_exit(exc))  # decides below whether to close it
             raise
         finally:
             self._shutdown()
@@ -595,7 +595,7 @@ class StalwartAgent(SimpleElasticAgent):
             monitor.on_line(local_rank, line)
 
 
-def _rendezvous_exit(exc: RendezvousError) -> tuple[int, str]:
+def rendezvous_exit(exc: RendezvousError) -> tuple[int, str]:
     """Exit code and reason for a rendezvous that failed (not closed by another node).
 
     Waiting longer than ``join_timeout`` for the other nodes (a replacement that is slow to

@@ -157,6 +157,7 @@ class _SaveJob:
     future: Future[CheckpointRef | None]  # resolved at the commit on the checkpoint URI
     started: float  # time.perf_counter() when save() was called
     rewrite: bool = False  # the step is committed but was skipped on load (damaged): write it again
+    skipped: frozenset[int] = frozenset()  # the Checkpointer's skipped steps when save() was called
 
     @property
     def data(self) -> np.ndarray:
@@ -225,7 +226,7 @@ class Checkpointer:
                 logger.warning("memory tier disabled: cannot use %s (%s)", self.config.shm_root, exc)
         self._private: dict[int, torch.Tensor] = {}
         self._pending: deque[Future[CheckpointRef | None]] = deque()
-        self._published: set[int] = set()  # steps whose part this rank (not 0) handed to rank 0
+        self._published: dict[int, str] = {}  # step -> attempt whose part this rank (not 0) handed over
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="stalwart-ckpt-io")
         # retention runs after the commit, off the save's critical path (torchtitan's purge thread)
@@ -236,6 +237,7 @@ class Checkpointer:
         # every rank): retention leaves them until this run has saved past them, and a save of
         # one of them writes it again (replaced, never read or mutated in place: threads share it)
         self._skipped: frozenset[int] = frozenset()
+        self._ours: frozenset[int] = frozenset()  # steps rank 0 committed in this process
         self._seq = 0
         self._last_save_bytes = 0
         self._closed = False
@@ -382,7 +384,9 @@ class Checkpointer:
         rewrite = step in self._skipped
         if rewrite:  # on every rank alike, and once: a later save of this step skips as usual
             self._skipped = self._skipped - {step}
-        save = _SaveJob(step, attempt, slot, layout, buf, values, progress, future, started, rewrite)
+        save = _SaveJob(
+            step, attempt, slot, layout, buf, values, progress, future, started, rewrite, self._skipped
+        )
         self._pending.append(self._executor.submit(self._persist, save))
         try:
             self._snapshot(buf, layout, progress)
@@ -485,6 +489,9 @@ class Checkpointer:
         self.last_error = exc
         if self.rank != 0:
             self._report_failure(step, attempt, exc)
+        else:  # a rank waiting to save this step again needs no longer wait for this attempt
+            with contextlib.suppress(Exception):
+                self.storage.write_atomic(f"{step_dir(step)}/{_gave_up(attempt)}", str(exc)[:500].encode())
         return None
 
     def _report_failure(
@@ -515,11 +522,18 @@ class Checkpointer:
         if job.rewrite and self.rank == 0:
             # uncommit the damaged copy first; the others write their parts again regardless
             self.storage.delete(f"{directory}/{MANIFEST_NAME}")
-        if self.rank != 0 and not job.rewrite and step in self._published:
+        earlier = self._published.get(step) if self.rank != 0 and not job.rewrite else None
+        if earlier is not None:
             # the same step again (a final save after the loop's last periodic one): rank 0 may
             # still be committing the earlier attempt, with the checksums of the bytes this rank
-            # wrote then; wait for its decision instead of writing other bytes under them
-            _appears(self.storage, f"{directory}/{MANIFEST_NAME}", self.config.commit_timeout_s)
+            # wrote then; wait for its decision (a manifest, or its note that it gave up) instead
+            # of writing other bytes under them
+            _appears(
+                self.storage,
+                f"{directory}/{MANIFEST_NAME}",
+                self.config.commit_timeout_s,
+                also=f"{directory}/{_gave_up(earlier)}",
+            )
         if job.rewrite or not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
             # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
             shard = job.durable_shard() if durable else None
@@ -554,7 +568,8 @@ class Checkpointer:
             self._metrics.last_step.set(step)
             seconds = round(time.perf_counter() - job.started, 4)
             event("checkpoint_saved", step=step, uri=self.storage.uri, seconds=seconds)
-            self._purges.append(self._purge.submit(self._retain, step, self._skipped))
+            self._ours = self._ours | {step}
+            self._purges.append(self._purge.submit(self._retain, step, job.skipped, self._ours))
         self._metrics.saves.inc()
         return ref, part
 
@@ -564,7 +579,7 @@ class Checkpointer:
         if self.rank != 0:
             storage.write_atomic(f"{step_dir(step)}/{part_name(self.rank)}", part.to_json())
             if storage is self.storage:
-                self._published.add(step)
+                self._published[step] = attempt
         else:
             self._commit(storage, step, attempt, part)
 
@@ -587,7 +602,8 @@ class Checkpointer:
                     self.config.keep_last,
                     self.config.keep_every,
                     newest=step,
-                    superseded=self._skipped,
+                    superseded=job.skipped,
+                    ours=self._ours,
                 )
         except Exception as exc:
             logger.warning(
@@ -630,10 +646,15 @@ class Checkpointer:
         )
         commit_step(storage, merge_parts(step, attempt, parts))
 
-    def _retain(self, step: int, skipped: frozenset[int]) -> None:
+    def _retain(self, step: int, skipped: frozenset[int], ours: frozenset[int]) -> None:
         try:
             apply_retention(
-                self.storage, self.config.keep_last, self.config.keep_every, newest=step, superseded=skipped
+                self.storage,
+                self.config.keep_last,
+                self.config.keep_every,
+                newest=step,
+                superseded=skipped,
+                ours=ours,
             )
         except Exception as exc:  # a listing that fails must not fail the next wait()
             logger.warning("checkpoint retention in %s failed: %s", self.storage.uri, exc)
@@ -866,11 +887,17 @@ def env_mirrors() -> list[str]:
     return [m.strip() for m in os.environ.get(ENV_CHECKPOINT_MIRRORS, "").split(",") if m.strip()]
 
 
-def _appears(storage: Storage, path: str, timeout: float = 5.0) -> bool:
-    """Whether ``path`` exists in ``storage``, polling briefly (caches of network file systems)."""
+def _gave_up(attempt: str) -> str:
+    """The note rank 0 leaves in a step's directory when it gives ``attempt`` up."""
+    return f"gave-up-{attempt}"
+
+
+def _appears(storage: Storage, path: str, timeout: float = 5.0, also: str | None = None) -> bool:
+    """Whether ``path`` (or ``also``) exists in ``storage``, polling (caches of network file
+    systems, or another rank's decision)."""
     deadline = time.monotonic() + timeout
     while True:
-        if storage.exists(path):
+        if storage.exists(path) or (also is not None and storage.exists(also)):
             return True
         if time.monotonic() > deadline:
             return False

@@ -307,19 +307,32 @@ def _read_and_verify(
     for check in todo:
         parts[min(seen * _LOAD_STREAMS // total, _LOAD_STREAMS - 1)].append(check)
         seen += check[2].size
+    # the caller's current CUDA streams (current streams are per thread): the work queued there
+    # on the targets runs before the loader's copies overwrite them
+    callers = {
+        into.target.device: torch.cuda.current_stream(into.target.device)
+        for _, _, into in todo
+        if isinstance(into, _Staged) and into.target.device.type == "cuda"
+    }
     with ThreadPoolExecutor(_LOAD_STREAMS, thread_name_prefix="stalwart-load") as pool:
-        jobs = [pool.submit(_read_chunks, source, part) for part in parts if part]
+        jobs = [pool.submit(_read_chunks, source, part, callers) for part in parts if part]
         for job in jobs:
             job.result()
 
 
-def _read_chunks(source: Source, chunks: Sequence[tuple[str, ChunkEntry, np.ndarray | _Staged]]) -> None:
+def _read_chunks(
+    source: Source,
+    chunks: Sequence[tuple[str, ChunkEntry, np.ndarray | _Staged]],
+    callers: dict[torch.device, Any],
+) -> None:
     stagers: dict[torch.device, _Stager] = {}
     try:
         for file, chunk, into in chunks:
             if isinstance(into, _Staged):
                 device = into.target.device
-                stager = stagers.get(device) or stagers.setdefault(device, _Stager(device))
+                stager = stagers.get(device) or stagers.setdefault(
+                    device, _Stager(device, callers.get(device))
+                )
                 _read_staged(source, file, chunk, into, stager)
             else:
                 _read_chunk(source, file, chunk, into)
@@ -333,7 +346,7 @@ class _Stager:
     other's copy to the device runs. On CUDA the buffers are pinned and the copies run on a stream
     of the stager's own; elsewhere a copy is a plain blocking one."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, caller: Any = None) -> None:
         cuda = device.type == "cuda"
         self.buffers = [torch.empty(_STAGE_BYTES, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
         self.copied: list[Any] = [None, None]  # each buffer's last copy, a CUDA event
@@ -342,7 +355,7 @@ class _Stager:
         if cuda:
             self.stream = torch.cuda.Stream(device)
             # work already queued on the targets (their initialisation, say) runs first
-            self.stream.wait_stream(torch.cuda.current_stream(device))
+            self.stream.wait_stream(caller if caller is not None else torch.cuda.current_stream(device))
 
     def take(self, n: int) -> np.ndarray:
         """The first ``n`` bytes of the buffer whose turn it is, once its last copy is done."""

@@ -63,11 +63,16 @@ def apply_retention(
     *,
     newest: int | None = None,
     superseded: frozenset[int] = frozenset(),
+    ours: frozenset[int] = frozenset(),
     dry_run: bool = False,
 ) -> list[int]:
-    """Delete what ``plan_retention`` names; the steps removed (or that would be)."""
+    """Delete what ``plan_retention`` names; the steps removed (or that would be). Committed steps
+    above ``newest`` that are neither ``superseded`` nor ``ours`` (this run committed them since)
+    are named in a warning, once."""
     committed, incomplete = committed_steps(storage)
-    ahead = tuple(s for s in committed if newest is not None and s > newest and s not in superseded)
+    ahead = tuple(
+        s for s in committed if newest is not None and s > newest and s not in superseded and s not in ours
+    )
     if ahead and (storage.uri, ahead) not in _warned_ahead:
         _warned_ahead.add((storage.uri, ahead))
         logger.warning(

@@ -97,6 +97,7 @@ class _Rank:
     reports: int = 0
     intervals: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     busy_until: float = 0.0  # stalwart.worker.busy(): no hang before this time
+    busy_at: float = 0.0  # when the last busy() notice came
     exiting: bool = False  # the interpreter is shutting down normally
 
 
@@ -122,7 +123,14 @@ class HangMonitor(MonitorBase):
         # Learned intervals carry over to the next generation (a restarted job steps at the same
         # pace); progress and notices do not.
         for r in self._ranks.values():
-            r.last_step, r.last_time, r.reports, r.busy_until, r.exiting = -1, 0.0, 0, 0.0, False
+            r.last_step, r.last_time, r.reports, r.busy_until, r.busy_at, r.exiting = (
+                -1,
+                0.0,
+                0,
+                0.0,
+                0.0,
+                False,
+            )
         self._phase = _Phase.WATCHING
         self._started = ctx.clock()
         self._last_line = self._started
@@ -143,7 +151,7 @@ class HangMonitor(MonitorBase):
                 return
             if report.step == r.last_step:
                 return  # a repeated step is not progress; a lower one is (a per-epoch counter)
-            announced = r.busy_until > r.last_time  # the gap held a busy() phase: not a step's pace
+            announced = r.busy_at > r.last_time  # a busy() notice came in this gap: not a step's pace
             if r.reports > self.config.warmup and not announced:
                 interval = now - r.last_time
                 r.intervals.append(interval)
@@ -166,6 +174,7 @@ class HangMonitor(MonitorBase):
             return True
         if METRIC_BUSY in report.metrics:
             r.busy_until = max(r.busy_until, now + report.metrics[METRIC_BUSY])
+            r.busy_at = now
             return True
         return False
 

@@ -25,21 +25,28 @@ from stalwart.worker.api import Report
 
 __all__ = ["LOSS_LINE", "LossConfig", "LossMonitor", "parse_loss_line", "robust_zscore"]
 
-# "loss" not preceded by a letter (train_loss, lm loss), nor by "eval_"/"val_"/"valid_"/"test_"
-# (an evaluation's loss is not the training curve), then optional quote, separator, quote.
+# An evaluation's loss (eval_loss, val/loss, "test loss") is not the training curve.
+_NOT_TRAINING = "".join(
+    rf"(?<!\b{word}{sep})"
+    for word in ("eval", "val", "valid", "validation", "test")
+    for sep in ("_", "/", " ")
+)
+# "loss" not preceded by a letter (train_loss, lm loss) nor by an evaluation's name, then optional
+# quote, separator, quote.
 LOSS_LINE = re.compile(
-    r"""(?<![A-Za-z])(?<!eval_)(?<!val_)(?<!valid_)(?<!test_)(?<!eval\s)(?<!val\s)"""
+    rf"""(?<![A-Za-z]){_NOT_TRAINING}"""
     r"""loss['"]?\s*[:=]?\s*['"]?(?:tensor\()?"""
     r"""([-+]?(?:nan|inf(?:inity)?|\d+\.?\d*(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?))(?![\w.])""",
     re.IGNORECASE,
 )
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes (torchtitan colours its metrics)
 _MAD_TO_SIGMA = 1.4826
 
 
 def parse_loss_line(line: str) -> float | None:
     """The loss value printed on ``line``, or ``None``."""
-    m = LOSS_LINE.search(line)
+    m = LOSS_LINE.search(_ANSI.sub("", line) if "\x1b" in line else line)
     if m is None:
         return None
     try:

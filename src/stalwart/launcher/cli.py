@@ -34,7 +34,8 @@ def main(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousParameters
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
-    from stalwart.agent.agent import StalwartAgent
+    from stalwart.agent import policy
+    from stalwart.agent.agent import StalwartAgent, rendezvous_exit
     from stalwart.agent.rendezvous import set_poll_interval, tune_handler
     from stalwart.health.stacks import flight_recorder_env
     from stalwart.launcher.args import build_config, parse
@@ -81,7 +82,8 @@ def main(argv: Sequence[str]) -> int:
                 f"{config.rdzv_endpoint!r}: {exc}",
                 file=sys.stderr,
             )
-            return 1
+            # a store still starting (its pod pulling the image) is worth another pod, not the job
+            return rendezvous_exit(exc)[0] if isinstance(exc, RendezvousError) else policy.EXIT_FAILED
         static = config.rdzv_backend == "static"
         spec = WorkerSpec(
             role=config.role,

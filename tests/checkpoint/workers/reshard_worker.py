@@ -112,6 +112,37 @@ class HeldCommit(PosixStorage):
         super().write_atomic(path, data, exclusive=exclusive)
 
 
+class FailsOnce(PosixStorage):
+    """Rank 0's storage: its first shard write fails (rank 0 gives that save up)."""
+
+    failed = False
+
+    def write(self, path: str, buffers: Sequence[memoryview], **kw: object) -> None:
+        if path.endswith(".safetensors") and not self.failed:
+            self.failed = True
+            raise CheckpointError(f"disk full while writing {path}")
+        super().write(path, buffers, **kw)  # type: ignore[arg-type]
+
+
+def same_step_after_rank0_gave_up(root: str, rank: int) -> None:
+    """Rank 0 gives step 3 up; rank 1, whose part was published, saves step 3 again at once
+    instead of waiting commit_timeout_s (600 s) for a manifest that never comes."""
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False, commit_timeout_s=600)
+    ck = Checkpointer(root, config, storage=FailsOnce(root) if rank == 0 else PosixStorage(root))
+    state = {"w": torch.ones(8), "rank_state": {"r": torch.full((1 << 12,), float(rank))}}
+    first = ck.save(3, state).result()
+    assert (first is None) == (rank == 0), first  # rank 1 published; rank 0 gave up
+    dist.barrier()
+    assert ck.save(3, state).result() is not None
+    ck.wait()
+    dist.barrier()
+    target = {"w": torch.zeros(8), "rank_state": {"r": torch.zeros(1 << 12)}}
+    assert ck.load_latest(target) == 3
+    ck.close()
+    dist.destroy_process_group()
+    _exit()
+
+
 def same_step_twice(root: str, rank: int) -> None:
     """Both ranks save step 3, then rank 1 saves step 3 again with other bytes while rank 0 is
     still committing the first save: rank 1 must not write under the first save's checksums."""
@@ -143,7 +174,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--mode",
-        choices=["save", "load", "load-same", "fail-rank1", "unshared", "probe-error", "same-step-twice"],
+        choices=[
+            "save",
+            "load",
+            "load-same",
+            "fail-rank1",
+            "unshared",
+            "probe-error",
+            "same-step-twice",
+            "gave-up",
+        ],
         required=True,
     )
     parser.add_argument("--shm", default=None, help="enable the memory tier under this root")
@@ -181,6 +221,9 @@ def main() -> None:
         return
     if args.mode == "same-step-twice":
         same_step_twice(args.root, args.rank)
+        return
+    if args.mode == "gave-up":
+        same_step_after_rank0_gave_up(args.root, args.rank)
         return
     ck = Checkpointer(args.root, config, mirrors=[args.mirror] if args.mirror else [])
     if args.mode == "save":
