@@ -72,7 +72,7 @@ def _warnings(tmp_path: Path, env: dict[str, str], **sys: object) -> str:
     ("env", "expected"),
     [
         ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}, "TORCH_NCCL_ASYNC_ERROR_HANDLING=0"),
-        ({"NCCL_ASYNC_ERROR_HANDLING": "0"}, None),  # the torch variable (ours) wins over the legacy one
+        ({"NCCL_ASYNC_ERROR_HANDLING": "0"}, "NCCL_ASYNC_ERROR_HANDLING=0"),  # kept: the user set it
         ({"TORCH_NCCL_BLOCKING_WAIT": "1"}, "TORCH_NCCL_BLOCKING_WAIT=1"),
         ({"TORCH_NCCL_TRACE_BUFFER_SIZE": "0"}, "dumps will be empty"),
         ({"TORCH_FR_BUFFER_SIZE": "0"}, "TORCH_FR_BUFFER_SIZE=0: flight-recorder dumps will be empty"),

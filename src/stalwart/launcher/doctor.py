@@ -173,10 +173,10 @@ def check(r: NodeReport) -> list[str]:
     """Known-bad combinations in what workers will see (the user's variables plus our defaults)."""
     env = {s.name: s.value for s in r.variables if s.value is not None} | r.other_variables
     out = []
-    aeh = env.get(ASYNC_ERROR_HANDLING, env.get("NCCL_ASYNC_ERROR_HANDLING"))
-    if aeh == "0":
+    aeh_name = ASYNC_ERROR_HANDLING if ASYNC_ERROR_HANDLING in env else "NCCL_ASYNC_ERROR_HANDLING"
+    if env.get(aeh_name) == "0":
         out.append(
-            f"{ASYNC_ERROR_HANDLING}=0: a failed or hung NCCL collective never ends the worker, so the "
+            f"{aeh_name}=0: a failed or hung NCCL collective never ends the worker, so the "
             "job hangs instead of restarting. Unset it (stalwart then uses 3)."
         )
     if "1" in (env.get("TORCH_NCCL_BLOCKING_WAIT"), env.get("NCCL_BLOCKING_WAIT")):
