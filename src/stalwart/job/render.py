@@ -144,6 +144,17 @@ def _container(spec: JobSpec, name: str) -> dict[str, Any]:
     return c
 
 
+def _place(spec: JobSpec, pod: dict[str, Any]) -> None:
+    """The spec's node selection (``nodeSelector``, instance type) and service account."""
+    selector = dict(spec.scheduling.node_selector)
+    if spec.scheduling.instance_type:
+        selector["node.kubernetes.io/instance-type"] = spec.scheduling.instance_type
+    if selector:
+        pod["nodeSelector"] = selector
+    if spec.scheduling.service_account:
+        pod["serviceAccountName"] = spec.scheduling.service_account
+
+
 def _pod_spec(spec: JobSpec, container: str, *, restart_policy: str | None, subdomain: str | None) -> dict:
     # stalwart run gives its workers --shutdown-timeout (30 s) after SIGTERM; leave it that and more.
     pod: dict[str, Any] = {"containers": [_container(spec, container)], "terminationGracePeriodSeconds": 60}
@@ -151,15 +162,9 @@ def _pod_spec(spec: JobSpec, container: str, *, restart_policy: str | None, subd
         pod["restartPolicy"] = restart_policy
     if subdomain:
         pod["subdomain"] = subdomain
-    selector = dict(spec.scheduling.node_selector)
-    if spec.scheduling.instance_type:
-        selector["node.kubernetes.io/instance-type"] = spec.scheduling.instance_type
-    if selector:
-        pod["nodeSelector"] = selector
+    _place(spec, pod)
     if spec.scheduling.scheduler_name:
         pod["schedulerName"] = spec.scheduling.scheduler_name
-    if spec.scheduling.service_account:
-        pod["serviceAccountName"] = spec.scheduling.service_account
     volumes: list[dict[str, Any]] = []
     for v in spec.volumes:
         if v.host_path is not None:
@@ -232,13 +237,7 @@ def _store_objects(spec: JobSpec) -> list[Manifest]:
         # on a cluster of GPU nodes alone it would otherwise never be scheduled
         "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
     }
-    node_selector = dict(spec.scheduling.node_selector)
-    if spec.scheduling.instance_type:
-        node_selector["node.kubernetes.io/instance-type"] = spec.scheduling.instance_type
-    if node_selector:
-        pod["nodeSelector"] = node_selector
-    if spec.scheduling.service_account:
-        pod["serviceAccountName"] = spec.scheduling.service_account
+    _place(spec, pod)
     service = {
         "apiVersion": "v1",
         "kind": "Service",

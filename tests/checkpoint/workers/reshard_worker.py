@@ -210,20 +210,15 @@ def main() -> None:
     config = CheckpointConfig(
         memory_tier=args.shm is not None, shm_root=args.shm or "/dev/shm", job="reshard"
     )
-    if args.mode == "fail-rank1":
-        fail_rank1(args.root, args.rank)
-        return
-    if args.mode == "unshared":
-        unshared(args.root, args.rank)
-        return
-    if args.mode == "probe-error":
-        probe_error(args.root, args.rank)
-        return
-    if args.mode == "same-step-twice":
-        same_step_twice(args.root, args.rank)
-        return
-    if args.mode == "gave-up":
-        same_step_after_rank0_gave_up(args.root, args.rank)
+    alone = {
+        "fail-rank1": fail_rank1,
+        "unshared": unshared,
+        "probe-error": probe_error,
+        "same-step-twice": same_step_twice,
+        "gave-up": same_step_after_rank0_gave_up,
+    }
+    if args.mode in alone:
+        alone[args.mode](args.root, args.rank)
         return
     ck = Checkpointer(args.root, config, mirrors=[args.mirror] if args.mirror else [])
     if args.mode == "save":
