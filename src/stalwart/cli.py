@@ -22,6 +22,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ckpt": ("stalwart.checkpoint.cli:ckpt", "List, inspect, verify and clean checkpoints."),
     "health": ("stalwart.health.cli:health", "Check health rules and probes."),
     "job": ("stalwart.job.cli:job", "Create, watch and manage jobs (local or Kubernetes)."),
+    "rdzv-store": ("stalwart.job.store:rdzv_store_command", "Serve a job's rendezvous store (its own pod)."),
 }
 
 

@@ -170,7 +170,7 @@ def test_by_default_the_rendezvous_store_has_a_pod_of_its_own_and_every_node_is_
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
     store = pod["containers"][0]
-    assert store["command"] == ["python3", "-m", "stalwart.job.store", "29400"]
+    assert store["command"] == ["stalwart", "rdzv-store", "29400"]  # as the nodes run `stalwart run`
     assert store["image"] == full_spec["image"]
     assert "nvidia.com/gpu" not in json.dumps(store["resources"])
     assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == "ml.p5.48xlarge"

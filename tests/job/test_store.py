@@ -8,13 +8,20 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
 from torch.distributed import TCPStore
 
 
-def test_a_store_without_a_job_dir_serves_until_sigterm_then_exits_0(free_port: Callable[[], int]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", "stalwart.cli", "rdzv-store"], ["-m", "stalwart.job.store"]],  # the pod's, and the module's
+)
+def test_a_store_without_a_job_dir_serves_until_sigterm_then_exits_0(
+    free_port: Callable[[], int], argv: list[str]
+) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stalwart.job.store", str(port)],
+        [sys.executable, *argv, str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,  # torch's c10d warnings (no hostname inside a network namespace)
         text=True,

@@ -211,7 +211,7 @@ def _headless_service(spec: JobSpec) -> Manifest:
 
 
 def _store_objects(spec: JobSpec) -> list[Manifest]:
-    """The rendezvous store's Service and one-pod Deployment (``python3 -m stalwart.job.store``).
+    """The rendezvous store's Service and one-pod Deployment (``stalwart rdzv-store PORT``).
 
     No Kueue labels: the store is not queued with the job. It is scheduled like the nodes
     (``nodeSelector``, service account), asks for a quarter of a CPU, and is ready once it listens.
@@ -223,7 +223,8 @@ def _store_objects(spec: JobSpec) -> list[Manifest]:
     container: dict[str, Any] = {
         "name": "store",
         "image": spec.image or "",
-        "command": ["python3", "-m", "stalwart.job.store", str(port)],
+        # the `stalwart` command, as the nodes run it: whatever environment the image installed it in
+        "command": ["stalwart", "rdzv-store", str(port)],
         "ports": [{"name": "rdzv", "containerPort": port, "protocol": "TCP"}],
         "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 2},
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},

@@ -8,7 +8,8 @@ is_host=0``). A node that hands itself over and is replaced, node 0 included, th
 with it: the others wait in the rendezvous for the replacement, and the job-wide restart budget
 lives on.
 
-``python -m stalwart.job.store PORT`` (Kubernetes: the ``<job>-rdzv`` pod) serves until SIGTERM
+``stalwart rdzv-store PORT`` (Kubernetes: the ``<job>-rdzv`` pod; the ``stalwart`` command is in
+every image that runs jobs) or ``python -m stalwart.job.store PORT`` serves until SIGTERM
 or SIGINT and then exits 0; as a container's PID 1 it must handle SIGTERM itself. If that pod is
 lost, its replacement starts empty and the nodes fail: it holds no training state and asks for
 little, so it is much less likely to go than a GPU node.
@@ -22,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import click
+
 from stalwart.job.node import EXIT_FILE, PID_FILE
 
-__all__ = ["serve"]
+__all__ = ["rdzv_store_command", "serve"]
 
 
 def serve(port: int, job_dir: Path | None = None, nodes: int = 0, poll_s: float = 0.5) -> int:
@@ -63,6 +66,13 @@ def _finished(node_dir: Path) -> bool:
     except PermissionError:
         pass  # alive, under another user
     return False
+
+
+@click.command("rdzv-store")
+@click.argument("port", type=click.IntRange(1, 65535))
+def rdzv_store_command(port: int) -> None:
+    """Serve a job's c10d rendezvous store on PORT until SIGTERM (a Kubernetes job's <job>-rdzv pod)."""
+    sys.exit(serve(port))
 
 
 def main(argv: list[str]) -> int:
