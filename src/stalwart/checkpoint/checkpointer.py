@@ -597,14 +597,7 @@ class Checkpointer:
                 mirror.write(f"{directory}/{part.file_name}", job.durable_shard())
             self._publish(mirror, step, attempt, part)
             if self.rank == 0:
-                apply_retention(
-                    mirror,
-                    self.config.keep_last,
-                    self.config.keep_every,
-                    newest=step,
-                    superseded=job.skipped,
-                    ours=self._ours,
-                )
+                self._apply_retention(mirror, step, job.skipped, self._ours)
         except Exception as exc:
             logger.warning(
                 "copying checkpoint step %d to the mirror %s failed (%s still holds it): %s",
@@ -646,16 +639,17 @@ class Checkpointer:
         )
         commit_step(storage, merge_parts(step, attempt, parts))
 
+    def _apply_retention(
+        self, storage: Storage, step: int, skipped: frozenset[int], ours: frozenset[int]
+    ) -> None:
+        """The keep rules on ``storage``, judged against ``step``, the step just committed there."""
+        apply_retention(
+            storage, self.config.keep_last, self.config.keep_every, newest=step, superseded=skipped, ours=ours
+        )
+
     def _retain(self, step: int, skipped: frozenset[int], ours: frozenset[int]) -> None:
         try:
-            apply_retention(
-                self.storage,
-                self.config.keep_last,
-                self.config.keep_every,
-                newest=step,
-                superseded=skipped,
-                ours=ours,
-            )
+            self._apply_retention(self.storage, step, skipped, ours)
         except Exception as exc:  # a listing that fails must not fail the next wait()
             logger.warning("checkpoint retention in %s failed: %s", self.storage.uri, exc)
 
@@ -863,8 +857,8 @@ class Checkpointer:
             yield
         finally:
             self._main_depth -= 1
-            term, self._term = (self._term, None) if self._main_depth == 0 else (None, self._term)
-            if term is not None:
+            if self._main_depth == 0 and self._term is not None:
+                term, self._term = self._term, None
                 self._on_sigterm(*term)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:

@@ -330,10 +330,9 @@ def _read_chunks(
         for file, chunk, into in chunks:
             if isinstance(into, _Staged):
                 device = into.target.device
-                stager = stagers.get(device) or stagers.setdefault(
-                    device, _Stager(device, callers.get(device))
-                )
-                _read_staged(source, file, chunk, into, stager)
+                if device not in stagers:
+                    stagers[device] = _Stager(device, callers.get(device))
+                _read_staged(source, file, chunk, into, stagers[device])
             else:
                 _read_chunk(source, file, chunk, into)
     finally:

@@ -123,14 +123,8 @@ class HangMonitor(MonitorBase):
         # Learned intervals carry over to the next generation (a restarted job steps at the same
         # pace); progress and notices do not.
         for r in self._ranks.values():
-            r.last_step, r.last_time, r.reports, r.busy_until, r.busy_at, r.exiting = (
-                -1,
-                0.0,
-                0,
-                0.0,
-                0.0,
-                False,
-            )
+            r.last_step, r.last_time, r.reports = -1, 0.0, 0
+            r.busy_until, r.busy_at, r.exiting = 0.0, 0.0, False
         self._phase = _Phase.WATCHING
         self._started = ctx.clock()
         self._last_line = self._started

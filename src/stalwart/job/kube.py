@@ -255,7 +255,7 @@ class KubernetesBackend:
                         ) from None
                     raise JobSubmitError(f"creating {what} failed: {exc.status} {exc.reason}") from None
                 created.append(obj)
-            store = [o for o in objects if (o["metadata"].get("labels") or {}).get(LABEL_ROLE)]
+            store = [o for o in objects if _is_store(o)]
             self._own(store, made)  # made: the main object, created last
         except BaseException:
             for obj in reversed(created):
@@ -361,7 +361,7 @@ class KubernetesBackend:
     def _node_pods(self, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The job's node pods, and its rendezvous store's pods."""
         pods = self._pods(name)
-        store = [p for p in pods if ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE)]
+        store = [p for p in pods if _is_store(p)]
         return [p for p in pods if p not in store], store
 
     def describe(self, name: str) -> JobDescription:
@@ -516,9 +516,14 @@ class KubernetesBackend:
                 return
             raise JobError(f"reading {kind}/{name}: {exc.status} {exc.reason}") from None
         labels = (obj.get("metadata") or {}).get("labels") or {}
-        if labels.get(LABEL_JOB) != job or bool(labels.get(LABEL_ROLE)) != store:
+        if labels.get(LABEL_JOB) != job or _is_store(obj) != store:
             return
         self._delete_one({"kind": kind, "metadata": {"name": name, "namespace": self.namespace}})
+
+
+def _is_store(obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` (a rendered object or a pod) belongs to a job's rendezvous store."""
+    return bool(((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_ROLE))
 
 
 def _nodes_of(flavour: str, spec: dict[str, Any]) -> str:
