@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -14,9 +15,9 @@ import pytest
 import torch
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer, loader
-from stalwart.checkpoint.format import CHUNK_BYTES, crc_slices, crc_slices_copy
+from stalwart.checkpoint.format import CHUNK_BYTES, crc_extend, crc_slices, crc_slices_copy
 from stalwart.checkpoint.storage_posix import PosixStorage
-from stalwart.errors import CheckpointError
+from stalwart.errors import CheckpointCorrupt, CheckpointError
 
 from .servers import CREDENTIALS, S3Server
 
@@ -177,3 +178,104 @@ def test_read_checked_continues_a_checksum_from_its_seed(tmp_path: Path) -> None
     (seed,) = storage.read_checked("f.bin", 0, first)
     assert storage.read_checked("f.bin", 1000, rest, seed) == crc_slices(payload)
     storage.close()
+
+
+def _spy_direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the reads that take the direct path (the real function still runs)."""
+    from stalwart.checkpoint import storage_posix
+
+    calls: list[int] = []
+    real = storage_posix._read_direct_checked
+
+    def counted(*args: Any) -> list[int]:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(storage_posix, "_read_direct_checked", counted)
+    return calls
+
+
+@pytest.mark.parametrize("offset", [0, 40, 4096, 4096 * 3 + 4000])
+def test_direct_reads_match_the_file_and_its_slice_checksums(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: int
+) -> None:
+    calls = _spy_direct_reads(monkeypatch)
+    storage = PosixStorage(str(tmp_path))
+    assert storage.direct_reads
+    # more than one bounce buffer and one checksum slice, ending off any alignment
+    payload = np.random.default_rng(offset).integers(0, 256, CHUNK_BYTES + (17 << 20) + 17, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(b"x" * offset + payload.tobytes() + b"tail")
+    into = np.empty_like(payload)
+    with storage.reading():
+        assert storage.read_checked("f.bin", offset, into) == crc_slices(payload)
+        assert np.array_equal(into, payload)
+        # a read continuing a checksum, and one that ends exactly at the end of the file
+        (seed,) = storage.read_checked("f.bin", offset, into[:5000])
+        rest = np.empty(payload.size - 5000 + 4, np.uint8)
+        got = storage.read_checked("f.bin", offset + 5000, rest, seed)
+    # slices count from the buffer's start; the first extends the seed
+    assert got == [crc_extend(0, payload[: 5000 + CHUNK_BYTES]), crc_extend(0, rest[CHUNK_BYTES:])]
+    assert bytes(rest[-4:]) == b"tail"
+    assert len(calls) == 2  # the 5000-byte read is too small to be worth a direct descriptor
+    assert storage.direct_reads
+    storage.close()
+
+
+def test_a_direct_read_past_the_end_of_the_file_is_corrupt(tmp_path: Path) -> None:
+    storage = PosixStorage(str(tmp_path))
+    (tmp_path / "f.bin").write_bytes(b"y" * ((3 << 20) + 100))
+    with pytest.raises(CheckpointCorrupt, match=r"f\.bin is truncated"):
+        storage.read_checked("f.bin", 100, np.empty(4 << 20, np.uint8))
+    with pytest.raises(FileNotFoundError):
+        storage.read_checked("missing.bin", 0, np.empty(4 << 20, np.uint8))
+    storage.close()
+
+
+def test_direct_reads_fall_back_to_the_page_cache_where_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Linux 6.6+ tmpfs takes O_DIRECT, and this machine has no file system that refuses it:
+    # refuse it at the open call, as FUSE file systems and older tmpfs do (EINVAL)
+    calls = _spy_direct_reads(monkeypatch)
+    real_open = os.open
+
+    def refusing(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT and flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing)
+    storage = PosixStorage(str(tmp_path), direct=True)
+    payload = np.random.default_rng(5).integers(0, 256, 3 << 20, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    for _ in range(2):  # the second read does not try again
+        into = np.empty_like(payload)
+        assert storage.read_checked("f.bin", 0, into) == crc_slices(payload)
+        assert np.array_equal(into, payload)
+        assert not storage.direct_reads and not calls
+    storage.close()
+
+
+def test_cpu_targets_load_by_direct_reads_and_a_flipped_byte_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = _spy_direct_reads(monkeypatch)
+    ck = Checkpointer(str(tmp_path / "ck"), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
+    ck.save(1, _large_state(1), blocking=True)
+    ck.save(2, _large_state(2), blocking=True)
+    target = {k: torch.zeros_like(v) for k, v in _large_state(0).items()}
+    assert ck.load_latest(target) == 2
+    for k, v in _large_state(2).items():
+        assert torch.equal(target[k], v), k
+    assert calls, "the large pieces did not take the direct path"
+
+    with open(tmp_path / "ck/step-000000002/rank-00000.safetensors", "r+b") as f:
+        f.seek(-(1 << 20), os.SEEK_END)  # inside the big tensor's second checksum slice
+        byte = f.read(1)
+        f.seek(-(1 << 20), os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x10]))
+    assert ck.load_latest(target) == 1
+    for k, v in _large_state(1).items():
+        assert torch.equal(target[k], v), k
+    assert "step-000000002/rank-00000.safetensors fails its checksum" in caplog.text
+    ck.close()

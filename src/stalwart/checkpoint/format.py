@@ -32,7 +32,9 @@ __all__ = [
     "Leaf",
     "Piece",
     "as_bytes",
+    "copy_bytes",
     "crc_extend",
+    "crc_extend_copy",
     "crc_slices",
     "crc_slices_copy",
     "dtype_from_code",
@@ -244,6 +246,22 @@ def crc_extend(crc: int, data: np.ndarray) -> int:
     return int(_crc32c(data, crc))
 
 
+def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:] = src`` without holding the GIL: numpy's assignment holds it through the copy,
+    which stalls the other reader threads' next reads. 1 GiB cold with 4 direct-read streams
+    here, paired fractions in A/B runs: numpy 0.84 and 0.84, ``ctypes.memmove`` 0.87 and 0.85,
+    this 0.92 and 0.95."""
+    torch.from_numpy(dst).copy_(torch.from_numpy(src))
+
+
+def crc_extend_copy(crc: int, src: np.ndarray, dst: np.ndarray) -> int:
+    """``crc_extend(crc, src)`` while copying ``src`` into ``dst`` (a cache-sized block: the copy
+    reads it back from cache)."""
+    crc = int(_crc32c(src, crc))
+    copy_bytes(dst, src)
+    return crc
+
+
 _FUSED_BLOCK = 1 << 20  # stays in L2 between its checksum and its copy
 
 
@@ -258,7 +276,7 @@ def crc_slices_copy(src: np.ndarray, dst: np.ndarray) -> list[int]:
         for i in range(start, min(start + CHUNK_BYTES, src.size), _FUSED_BLOCK):
             block = src[i : min(i + _FUSED_BLOCK, start + CHUNK_BYTES)]
             crc = _crc32c(block, crc)
-            dst[i : i + block.size] = block
+            dst[i : i + block.size] = block  # two threads: numpy's copy ran ahead of copy_bytes
         crcs.append(int(crc))
     return crcs
 
