@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer
-from stalwart.checkpoint.format import Piece, crc_slices, flatten, plan_layout
+from stalwart.checkpoint.format import Piece, copy_bytes, crc_slices, flatten, plan_layout
 from stalwart.errors import CheckpointError
 
 
@@ -71,3 +72,17 @@ def test_flatten_walks_dicts_and_lists_with_tensors_and_keeps_plain_tuples_whole
 def test_a_key_with_a_slash_is_refused_with_the_fix() -> None:
     with pytest.raises(CheckpointError, match="contains '/'"):
         list(flatten({"a/b": torch.zeros(1)}))
+
+
+def test_copy_bytes_copies_and_refuses_a_read_only_target() -> None:
+    src = np.arange(3 << 20, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    copy_bytes(dst, src)
+    assert np.array_equal(dst, src)
+    odd = np.zeros(src.size // 2, dtype=np.uint8)
+    copy_bytes(odd, src[::2])  # a strided source takes numpy's path
+    assert np.array_equal(odd, src[::2])
+    frozen = np.frombuffer(bytes(src.size), dtype=np.uint8)
+    with pytest.raises(ValueError, match="read-only"):
+        copy_bytes(frozen, src)
+    assert not frozen.any()

@@ -279,3 +279,17 @@ def test_cpu_targets_load_by_direct_reads_and_a_flipped_byte_falls_back(
         assert torch.equal(target[k], v), k
     assert "step-000000002/rank-00000.safetensors fails its checksum" in caplog.text
     ck.close()
+
+
+def test_bad_reads_keep_direct_reads_on(tmp_path: Path) -> None:
+    # EINVAL that is not the file system refusing O_DIRECT: a directory (ext4 says EINVAL to
+    # O_DIRECT there) and a negative offset
+    storage = PosixStorage(str(tmp_path))
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        storage.read_checked("d", 0, np.empty(4 << 20, np.uint8))
+    (tmp_path / "f.bin").write_bytes(bytes(8 << 20))
+    with pytest.raises(OSError):
+        storage.read_checked("f.bin", -4096, np.empty(4 << 20, np.uint8))
+    assert storage.direct_reads
+    storage.close()

@@ -206,9 +206,9 @@ class PosixStorage:
             try:
                 return _read_direct_checked(self._bounce, dfd, offset, buf, seed, target)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:  # alignment refused at read time: page cache below
+                if exc.errno != errno.EINVAL or offset < 0:
                     raise
-                self.direct_reads = False
+                self.direct_reads = False  # aligned requests refused at read time: page cache below
             finally:
                 os.close(dfd)
         fd = os.open(target, os.O_RDONLY)
@@ -240,9 +240,10 @@ class PosixStorage:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # EINVAL: tmpfs and some FUSE file systems
+            if exc.errno != errno.EINVAL:
                 raise
-            self.direct_reads = False
+            if not os.path.isdir(target):  # ext4 says EINVAL for a directory too: not a refusal
+                self.direct_reads = False  # older tmpfs and some FUSE file systems
             return None
 
     def list(self, prefix: str = "") -> list[str]:
