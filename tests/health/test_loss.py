@@ -28,6 +28,7 @@ from .clock import Clock, context
         ("loss: tensor(nan, grad_fn=<AddBackward0>)", math.nan),
         ("{'loss': 0.7, 'eval_loss': 3.9}", 0.7),  # the training loss, not the evaluation's
         ("interval_loss: 1.2", 1.2),
+        ("epoch 001:    100 / 1000 loss=4.2, nll_loss=3.9, ppl=15", 4.2),  # fairseq's training lines
         ("\x1b[31mstep:  1  \x1b[32mloss:  7.1234  \x1b[33mmemory: 1.2GiB", 7.1234),  # torchtitan
     ],
 )
@@ -49,6 +50,7 @@ def test_parses_common_loss_lines(line: str, value: float) -> None:
         "Eval loss: nan",
         "val/loss=2.100",  # Lightning
         "test loss: 1.5",
+        "epoch 001 | valid on 'valid' subset | loss 3.9 | nll_loss 3.1 | ppl 8.6",  # fairseq
     ],
 )
 def test_ignores_lines_that_only_look_like_loss(line: str) -> None:

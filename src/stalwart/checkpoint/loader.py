@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -194,7 +193,6 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
             by_path[tuple(entry.path)] = entry
     values = source.values_of(src_rank)
 
-    requests: dict[str, list[tuple[int, memoryview]]] = defaultdict(list)
     checks: list[tuple[str, ChunkEntry, np.ndarray | _Staged]] = []
     copies: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor, tuple[slice, ...]]] = []
     setters: list[tuple[Any, Any, Any]] = []
@@ -228,7 +226,7 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
         if source.mapped is not None:
             mapped_jobs.append((entry, local, box))
         else:
-            _plan_tensor(entry, local, box, requests, checks, copies)
+            _plan_tensor(entry, local, box, checks, copies)
 
     for path, entry in by_path.items():
         if path not in seen and len(entry.chunks) == 1 and entry.chunks[0].shape == entry.global_shape:
@@ -243,7 +241,6 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
                 entry,
                 fresh,
                 Box((0,) * len(entry.global_shape), tuple(entry.global_shape)),
-                requests,
                 checks,
                 copies,
             )
@@ -254,7 +251,7 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
             setters.append(_insert_point(state, tuple(key.split("/")), value))
     if source.mapped is not None:
         _copy_mapped(source, mapped_jobs)
-    _read_and_verify(source, requests, checks)
+    _read_and_verify(source, checks)
     for dst, dst_slices, src, src_slices in copies:
         dst[dst_slices].copy_(src[src_slices])
     for container, key, value in setters:
@@ -265,7 +262,6 @@ def _plan_tensor(
     entry: TensorEntry,
     local: torch.Tensor,
     box: Box,
-    requests: dict[str, list[tuple[int, memoryview]]],
     checks: list[tuple[str, ChunkEntry, np.ndarray | _Staged]],
     copies: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor, tuple[slice, ...]]],
 ) -> None:
@@ -281,8 +277,6 @@ def _plan_tensor(
             tmp = torch.empty(chunk.shape, dtype=dtype)
             buf = as_bytes(tmp)
             copies.append((local, read.dst, tmp, read.src))
-        if buf.size:
-            requests[chunk.file].append((chunk.start, memoryview(buf)))
         checks.append((chunk.file, chunk, buf))
 
 
@@ -296,10 +290,8 @@ def _insert_point(state: dict[str, Any], path: tuple[str, ...], value: Any) -> t
 
 def _read_and_verify(
     source: Source,
-    requests: dict[str, list[tuple[int, memoryview]]],
     checks: Sequence[tuple[str, ChunkEntry, np.ndarray | _Staged]],
 ) -> None:
-    del requests  # every request is one check's buffer: read and verify them together
     for file in sorted({file for file, _, _ in checks}):
         _check_header(source, file)
     # _LOAD_STREAMS loaders, each reading one contiguous share of the bytes in file order (the

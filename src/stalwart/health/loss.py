@@ -40,14 +40,18 @@ LOSS_LINE = re.compile(
     re.IGNORECASE,
 )
 
+# A line that reports an evaluation as a whole: fairseq's "| valid on 'valid' subset | loss 3.9"
+_EVALUATION_LINE = re.compile(r"\b(?:valid|validation|eval|evaluation|test) on '", re.IGNORECASE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes (torchtitan colours its metrics)
 _MAD_TO_SIGMA = 1.4826
 
 
 def parse_loss_line(line: str) -> float | None:
     """The loss value printed on ``line``, or ``None``."""
-    m = LOSS_LINE.search(_ANSI.sub("", line) if "\x1b" in line else line)
-    if m is None:
+    if "\x1b" in line:
+        line = _ANSI.sub("", line)
+    m = LOSS_LINE.search(line)
+    if m is None or _EVALUATION_LINE.search(line, 0, m.start()):
         return None
     try:
         return float(m.group(1))
