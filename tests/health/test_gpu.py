@@ -28,6 +28,13 @@ def test_xids_map_to_actions_from_the_catalog() -> None:
     assert xid_action(999)[1] is Action.WARN
     assert xid_action(13, {13: Action.IGNORE})[1] is Action.IGNORE
     assert all(bucket for _, _, bucket in XIDS.values())
+    # the catalog's buckets: a downed NVLink stays down until a reset (74, 155); a retirement
+    # applies at the next reset (156); corrected C2C errors and a failed retirement are notices
+    assert xid_action(74)[1] is Action.REPLACE_NODE
+    assert xid_action(156)[1] is Action.REPLACE_NODE
+    assert xid_action(69)[1] is Action.RESTART
+    assert {xid_action(x)[2] for x in (121, 147, 148, 157)} == {"IGNORE"}
+    assert {xid_action(x)[1] for x in (121, 147, 148, 157)} == {Action.WARN}
 
 
 def test_xid_events_become_faults_once_per_burst() -> None:

@@ -22,11 +22,15 @@ XIDS: dict[int, tuple[str, Action, str]] = {
     45: ("preemptive cleanup after earlier errors", IG, "WORKFLOW_XID_45"),
     46: ("GPU stopped processing (timeout)", N, "RESET_GPU"),
     48: ("double-bit ECC error", N, "WORKFLOW_XID_48"),
+    # pre-Ampere only (unused since); NVIDIA's debug guide resets the GPU
+    61: ("internal micro-controller breakpoint/warning", N, "RESET_GPU"),
     62: ("internal micro-controller halt", N, "RESET_GPU"),
     63: ("memory row-remapping event", W, "IGNORE"),
     64: ("row-remapping failure", N, "RESET_GPU"),
     68: ("NVDEC0 exception", R, "RESTART_APP"),
-    74: ("NVLink error", R, "WORKFLOW_NVLINK_ERR"),
+    69: ("graphics engine class error", R, "RESTART_APP"),
+    # the catalog: "a GPU reset or node reboot is needed to clear this error"
+    74: ("NVLink error (link down until a GPU reset)", N, "WORKFLOW_NVLINK_ERR"),
     79: ("GPU has fallen off the bus", N, "RESTART_BM"),
     92: ("high single-bit ECC error rate", W, "IGNORE"),
     94: ("contained memory error", R, "RESTART_APP"),
@@ -34,12 +38,18 @@ XIDS: dict[int, tuple[str, Action, str]] = {
     109: ("context-switch timeout", N, "RESET_GPU"),
     119: ("GSP RPC timeout", N, "RESET_GPU"),
     120: ("GSP error", N, "RESET_GPU"),
+    121: ("C2C link corrected error (Grace-GPU)", W, "IGNORE"),
     136: ("NVLink training failed", N, "RESET_GPU"),
     140: ("unrecovered ECC error escape", N, "RESET_GPU"),
     143: ("GPU initialization error", N, "RESET_GPU"),
-    **{x: ("NVLink5 error", N, "WORKFLOW_NVLINK5_ERR") for x in range(144, 151)},
+    # NVML gives the number alone, not the registers the catalog decodes these with; the fatal
+    # ones also set the driver's recovery action, which Xid 154 reports. 147/148 are informational.
+    **{x: ("NVLink5 error", N, "WORKFLOW_NVLINK5_ERR") for x in (144, 145, 146, 149, 150)},
+    **{x: ("NVLink5 error (informational)", W, "IGNORE") for x in (147, 148)},
     154: ("GPU recovery action changed", W, "XID_154"),
-    155: ("NVLink SW-defined error", N, "RESET_GPU"),
+    155: ("NVLink brought down on purpose (SW-defined), down until a GPU reset", N, "RESET_GPU"),
+    156: ("resource retirement event (a GPU reset applies it)", N, "RESET_GPU"),
+    157: ("resource retirement failure (no spare resources left)", W, "IGNORE"),
     158: ("GPU fatal timeout", N, "RESET_GPU"),
 }
 XID_RECOVERY_ACTION_CHANGED = 154
