@@ -108,9 +108,9 @@ def _staged_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     carried: list[int] = []
     real = loader._read_staged
 
-    def counting(source: Any, file: str, chunk: Any, into: Any, stager: Any) -> None:
+    def counting(source: Any, file: str, chunk: Any, into: Any, *rest: Any) -> None:
         carried.append(into.size)
-        real(source, file, chunk, into, stager)
+        real(source, file, chunk, into, *rest)
 
     monkeypatch.setattr(loader, "_direct", lambda local: False)
     monkeypatch.setattr(loader, "_STAGE_BYTES", (1 << 20) + 4099)
@@ -293,3 +293,23 @@ def test_bad_reads_keep_direct_reads_on(tmp_path: Path) -> None:
         storage.read_checked("f.bin", -4096, np.empty(4 << 20, np.uint8))
     assert storage.direct_reads
     storage.close()
+
+
+def test_replicated_pieces_go_through_the_page_cache_when_ranks_on_the_node_share_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every local rank reads all of a replicated piece: through the page cache the node reads it
+    # from storage once, where direct reads would fetch it once per rank
+    calls = _spy_direct_reads(monkeypatch)
+    ck = Checkpointer(str(tmp_path / "ck"), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
+    ck.save(1, _large_state(1), blocking=True)
+    target = {k: torch.zeros_like(v) for k, v in _large_state(0).items()}
+    ck._node_readers = 4  # what LOCAL_WORLD_SIZE=4 gives a distributed checkpointer
+    assert ck.load_latest(target) == 1
+    assert not calls
+    for k, v in _large_state(1).items():
+        assert torch.equal(target[k], v), k
+    ck._node_readers = 1
+    assert ck.load_latest(target) == 1
+    assert calls
+    ck.close()

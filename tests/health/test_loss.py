@@ -29,6 +29,9 @@ from .clock import Clock, context
         ("{'loss': 0.7, 'eval_loss': 3.9}", 0.7),  # the training loss, not the evaluation's
         ("interval_loss: 1.2", 1.2),
         ("epoch 001:    100 / 1000 loss=4.2, nll_loss=3.9, ppl=15", 4.2),  # fairseq's training lines
+        ("{'eval_mlm_loss': 2.7, 'loss': 2.0}", 2.0),  # past an evaluation's metric
+        ('{"epoch": 1, "train_loss": "4.2", "train_nll_loss": "3.9"}', 4.2),  # fairseq json
+        (" iteration 10/ 100 | lm loss: 2.345E+00 | validation loss at step 5 pending", 2.345),
         ("\x1b[31mstep:  1  \x1b[32mloss:  7.1234  \x1b[33mmemory: 1.2GiB", 7.1234),  # torchtitan
     ],
 )
@@ -51,6 +54,9 @@ def test_parses_common_loss_lines(line: str, value: float) -> None:
         "val/loss=2.100",  # Lightning
         "test loss: 1.5",
         "epoch 001 | valid on 'valid' subset | loss 3.9 | nll_loss 3.1 | ppl 8.6",  # fairseq
+        '{"epoch": 1, "valid_loss": "3.9", "valid_nll_loss": "3.1", "valid_ppl": "8.6"}',  # fairseq json
+        "{'eval_loss': 2.9, 'eval_mlm_loss': 2.7, 'eval_runtime': 1.0}",  # HF, a second eval metric
+        "validate step: 100  loss:  3.9000  memory: 1.2GiB",  # torchtitan's validator
     ],
 )
 def test_ignores_lines_that_only_look_like_loss(line: str) -> None:

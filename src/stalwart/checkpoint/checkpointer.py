@@ -211,6 +211,8 @@ class Checkpointer:
         self._dist = distributed and dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(process_group) if self._dist else 0
         self.world_size = dist.get_world_size(process_group) if self._dist else 1
+        # the processes on this node that load alongside this one (set by torchrun and stalwart)
+        self._node_readers = _env_int("LOCAL_WORLD_SIZE", 1) if self._dist else 1
         self._token = self._agree_token()
         self._check_shared()
         # storages whose write takes ``ready`` start writing while the snapshot is still copying
@@ -759,7 +761,7 @@ class Checkpointer:
         tier: str | None = None
         for i, (name, make) in enumerate(makes):
             try:
-                load_into(make(), state, self.rank)
+                load_into(make(), state, self.rank, self._node_readers)
             except CheckpointCorrupt as exc:
                 status, error = _CORRUPT, exc
                 if i + 1 < len(makes):
@@ -908,6 +910,13 @@ def _plain_cpu(t: torch.Tensor) -> bool:
         and not t.is_neg()
         and t.numel() > 0
     )
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
 
 
 def _persist_allowance(nbytes: int) -> float:

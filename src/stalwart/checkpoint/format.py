@@ -252,9 +252,9 @@ def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
     here, paired fractions in A/B runs: numpy 0.84 and 0.84, ``ctypes.memmove`` 0.87 and 0.85,
     this 0.92 and 0.95, with torch's 2 intra-op threads (under ``stalwart run`` and torchrun
     workers get ``OMP_NUM_THREADS=1``, and this copy is then a plain single-threaded one)."""
-    plain = dst.flags.writeable and all(a.flags.c_contiguous and a.dtype.isnative for a in (dst, src))
+    plain = all(a.flags.writeable and a.flags.c_contiguous and a.dtype.isnative for a in (dst, src))
     if not plain:
-        dst[...] = src  # numpy refuses a read-only target and handles any layout or byte order
+        dst[...] = src  # numpy refuses a read-only target, reads a read-only source, any layout
         return
     torch.from_numpy(dst).copy_(torch.from_numpy(src))
 

@@ -184,13 +184,23 @@ def _source_rank(rank: int, world_size: int) -> int:
     return rank if rank < world_size else rank % world_size
 
 
-def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
-    """Fill ``state`` in place from ``source``; see the module docstring for the errors."""
+def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1) -> None:
+    """Fill ``state`` in place from ``source``; see the module docstring for the errors.
+
+    ``readers``: the processes on this node loading the same checkpoint (the local world size).
+    With more than one, every rank reads the whole of each replicated piece, and those reads go
+    through the page cache, so the node reads them from storage once; direct reads would fetch
+    them once per rank."""
     src_rank = _source_rank(rank, source.world_size)
     by_path: dict[tuple[str, ...], TensorEntry] = {}
     for entry in source.tensors:
         if entry.rank is None or entry.rank == src_rank:
             by_path[tuple(entry.path)] = entry
+    shared = {
+        id(entry.chunks[0])
+        for entry in by_path.values()
+        if readers > 1 and entry.rank is None and len(entry.chunks) == 1
+    }
     values = source.values_of(src_rank)
 
     checks: list[tuple[str, ChunkEntry, np.ndarray | _Staged]] = []
@@ -251,7 +261,7 @@ def load_into(source: Source, state: dict[str, Any], rank: int) -> None:
             setters.append(_insert_point(state, tuple(key.split("/")), value))
     if source.mapped is not None:
         _copy_mapped(source, mapped_jobs)
-    _read_and_verify(source, checks)
+    _read_and_verify(source, checks, shared)
     for dst, dst_slices, src, src_slices in copies:
         dst[dst_slices].copy_(src[src_slices])
     for container, key, value in setters:
@@ -291,11 +301,14 @@ def _insert_point(state: dict[str, Any], path: tuple[str, ...], value: Any) -> t
 def _read_and_verify(
     source: Source,
     checks: Sequence[tuple[str, ChunkEntry, np.ndarray | _Staged]],
+    shared: set[int],
 ) -> None:
+    """Read and verify every check's piece; those in ``shared`` (chunk ids) through the page
+    cache, where the storage can tell."""
     for file in sorted({file for file, _, _ in checks}):
         _check_header(source, file)
-    # _LOAD_STREAMS loaders, each reading one contiguous share of the bytes in file order (the
-    # kernel's readahead sees sequential streams); one's checksums overlap the others' reads
+    # _LOAD_STREAMS loaders, each reading one contiguous share of the bytes in file order; one's
+    # checksums and copies overlap the others' reads
     todo = sorted((c for c in checks if c[2].size), key=lambda c: (c[0], c[1].start))
     total, seen = sum(c[2].size for c in todo), 0
     parts: list[list[tuple[str, ChunkEntry, np.ndarray | _Staged]]] = [[] for _ in range(_LOAD_STREAMS)]
@@ -314,7 +327,7 @@ def _read_and_verify(
         reading() if reading is not None else contextlib.nullcontext(),
         ThreadPoolExecutor(_LOAD_STREAMS, thread_name_prefix="stalwart-load") as pool,
     ):
-        jobs = [pool.submit(_read_chunks, source, part, callers) for part in parts if part]
+        jobs = [pool.submit(_read_chunks, source, part, callers, shared) for part in parts if part]
         for job in jobs:
             job.result()
 
@@ -323,17 +336,19 @@ def _read_chunks(
     source: Source,
     chunks: Sequence[tuple[str, ChunkEntry, np.ndarray | _Staged]],
     callers: dict[torch.device, Any],
+    shared: set[int],
 ) -> None:
     stagers: dict[torch.device, _Stager] = {}
     try:
         for file, chunk, into in chunks:
+            direct = id(chunk) not in shared
             if isinstance(into, _Staged):
                 device = into.target.device
                 if device not in stagers:
                     stagers[device] = _Stager(device, callers.get(device))
-                _read_staged(source, file, chunk, into, stagers[device])
+                _read_staged(source, file, chunk, into, stagers[device], direct)
             else:
-                _read_chunk(source, file, chunk, into)
+                _read_chunk(source, file, chunk, into, direct)
     finally:
         for stager in stagers.values():
             stager.finish()
@@ -381,7 +396,9 @@ class _Stager:
             self.stream.synchronize()
 
 
-def _read_staged(source: Source, file: str, chunk: ChunkEntry, into: _Staged, stager: _Stager) -> None:
+def _read_staged(
+    source: Source, file: str, chunk: ChunkEntry, into: _Staged, stager: _Stager, direct: bool = True
+) -> None:
     """Read one piece through ``stager`` into its device target, checksumming as it reads; a
     mismatch raises after the copies, as a direct read does after reading into its target."""
     crcs: list[int] = []
@@ -389,7 +406,7 @@ def _read_staged(source: Source, file: str, chunk: ChunkEntry, into: _Staged, st
     while done < chunk.nbytes:
         # never straddle a checksum slice: each slice's checksum continues across its reads
         n = min(_STAGE_BYTES, chunk.nbytes - done, CHUNK_BYTES - done % CHUNK_BYTES)
-        (crc,) = _read_range(source, file, chunk.start + done, stager.take(n), seed=crc)
+        (crc,) = _read_range(source, file, chunk.start + done, stager.take(n), crc, direct)
         stager.send(into.target[done : done + n])
         done += n
         if done % CHUNK_BYTES == 0 or done == chunk.nbytes:
@@ -446,13 +463,15 @@ def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box
         torch.cuda.synchronize()
 
 
-def _read_range(source: Source, file: str, offset: int, buf: np.ndarray, seed: int = 0) -> list[int]:
+def _read_range(
+    source: Source, file: str, offset: int, buf: np.ndarray, seed: int = 0, direct: bool = True
+) -> list[int]:
     """Fill ``buf`` from ``offset`` of ``file``: the checksum of each ``CHUNK_BYTES`` slice of it,
-    the first one extending ``seed``."""
+    the first one extending ``seed``. ``direct=False`` keeps a POSIX read in the page cache."""
     read_checked = getattr(source.storage, "read_checked", None)  # POSIX: checksum as it reads
     try:
         if read_checked is not None:
-            return list(read_checked(source.prefix + file, offset, buf, seed))
+            return list(read_checked(source.prefix + file, offset, buf, seed, direct=direct))
         source.storage.read_into(source.prefix + file, [(offset, memoryview(buf))])
     except FileNotFoundError:
         raise CheckpointCorrupt(f"{source.where(file)} is missing") from None
@@ -466,8 +485,8 @@ def _read_range(source: Source, file: str, offset: int, buf: np.ndarray, seed: i
     return [crc_extend(seed, buf[:CHUNK_BYTES]), *rest]
 
 
-def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray) -> None:
-    crcs = _read_range(source, file, chunk.start, buf)
+def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray, direct: bool = True) -> None:
+    crcs = _read_range(source, file, chunk.start, buf, 0, direct)
     if crcs != chunk.crcs:
         raise CheckpointCorrupt(
             f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"

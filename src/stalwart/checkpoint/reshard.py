@@ -35,7 +35,7 @@ class Read:
     chunk: ChunkEntry
     src: tuple[slice, ...]
     dst: tuple[slice, ...]
-    whole: bool  # the chunk is exactly the target: read straight into it
+    whole: bool  # the chunk is exactly the target: read into it, with no temporary
 
 
 def _dtensor(value: torch.Tensor) -> Any:

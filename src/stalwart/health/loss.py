@@ -40,8 +40,14 @@ LOSS_LINE = re.compile(
     re.IGNORECASE,
 )
 
-# A line that reports an evaluation as a whole: fairseq's "| valid on 'valid' subset | loss 3.9"
-_EVALUATION_LINE = re.compile(r"\b(?:valid|validation|eval|evaluation|test) on '", re.IGNORECASE)
+# A metric named for an evaluation further up its key (valid_nll_loss, eval_mlm_loss)
+_EVALUATION_KEY = re.compile(r"(?:^|[^\w/])(?:eval|val|valid|validation|test)[_/][\w/]*$", re.IGNORECASE)
+# A line that reports an evaluation as a whole: fairseq's "| valid on 'valid' subset | loss 3.9",
+# torchtitan's "validate step: 100  loss: 3.9"
+_EVALUATION_LINE = re.compile(
+    r"\b(?:valid|validation|eval|evaluation|test) on '|\bvalidat(?:e|es|ing|ion)\b|\bevaluat(?:e|ing|ion)\b",
+    re.IGNORECASE,
+)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes (torchtitan colours its metrics)
 _MAD_TO_SIGMA = 1.4826
 
@@ -50,13 +56,16 @@ def parse_loss_line(line: str) -> float | None:
     """The loss value printed on ``line``, or ``None``."""
     if "\x1b" in line:
         line = _ANSI.sub("", line)
-    m = LOSS_LINE.search(line)
-    if m is None or _EVALUATION_LINE.search(line, 0, m.start()):
-        return None
-    try:
-        return float(m.group(1))
-    except ValueError:
-        return None
+    for m in LOSS_LINE.finditer(line):
+        if _EVALUATION_LINE.search(line, 0, m.start()):
+            return None
+        if _EVALUATION_KEY.search(line, 0, m.start()):
+            continue  # an evaluation's metric; the training loss may follow on the line
+        try:
+            return float(m.group(1))
+        except ValueError:
+            return None
+    return None
 
 
 def robust_zscore(value: float, window: list[float] | deque[float]) -> float:

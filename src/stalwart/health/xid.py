@@ -2,8 +2,11 @@
 
 RESTART_APP -> ``restart`` (restarting the process on the same GPU is enough); IGNORE ->
 ``ignore``/``warn`` (informational); RESET_GPU and RESTART_BM -> ``replace_node`` (a container
-cannot reset a GPU: the node must be rebooted or replaced). Xid 154 means "read the driver's
-recovery action", which ``RECOVERY_ACTIONS`` maps. Unknown Xids warn. ``--xid-action`` overrides.
+cannot reset a GPU: the node must be rebooted or replaced). The WORKFLOW_* buckets ask for a
+decode of registers that NVML's Xid event does not carry: 48, 74 and the NVLink5 errors get
+the action of their worst documented outcome (a reset); 45 is ignored, since stopping workers
+raises it. Xid 154 means "read the driver's recovery action",
+which ``RECOVERY_ACTIONS`` maps. Unknown Xids warn. ``--xid-action`` overrides.
 """
 
 from __future__ import annotations
