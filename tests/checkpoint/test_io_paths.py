@@ -142,27 +142,44 @@ def test_device_targets_stream_through_staging_buffers_and_are_verified(
     else:  # no checksum-as-it-reads there: each read's checksum continues the slice's
         bucket = moto.make_bucket(f"staged-{uuid.uuid4().hex[:8]}")
         ck = Checkpointer(f"s3://{bucket}/ck", config, endpoint_url=moto.endpoint, **CREDENTIALS)
+    target = _two_large_saves_load(ck)
+    assert sorted(carried) == sorted(v.numel() * v.element_size() for v in target.values() if v.numel())
+
+    # a byte flipped in the big tensor's second checksum slice: step 2 fails, step 1 loads
+    shard = "ck/step-000000002/rank-00000.safetensors"
+    if where == "posix":
+        _flip_a_byte_in_the_second_slice(tmp_path / shard)
+    else:
+        client = moto.client()
+        raw = bytearray(client.get_object(Bucket=bucket, Key=shard)["Body"].read())
+        raw[-(1 << 20)] ^= 0x10
+        client.put_object(Bucket=bucket, Key=shard, Body=bytes(raw))
+    _assert_falls_back_to_step_1(ck, target, caplog)
+
+
+def _two_large_saves_load(ck: Checkpointer) -> dict[str, torch.Tensor]:
+    """Save steps 1 and 2 of ``_large_state``; load the newest into zeros (checked): the target."""
     ck.save(1, _large_state(1), blocking=True)
     ck.save(2, _large_state(2), blocking=True)
     target = {k: torch.zeros_like(v) for k, v in _large_state(0).items()}
     assert ck.load_latest(target) == 2
     for k, v in _large_state(2).items():
         assert torch.equal(target[k], v), k
-    assert sorted(carried) == sorted(v.numel() * v.element_size() for v in target.values() if v.numel())
+    return target
 
-    # a byte flipped in the big tensor's second checksum slice: step 2 fails, step 1 loads
-    shard = "ck/step-000000002/rank-00000.safetensors"
-    if where == "posix":
-        with open(tmp_path / shard, "r+b") as f:
-            f.seek(-(1 << 20), os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-(1 << 20), os.SEEK_END)
-            f.write(bytes([byte[0] ^ 0x10]))
-    else:
-        client = moto.client()
-        raw = bytearray(client.get_object(Bucket=bucket, Key=shard)["Body"].read())
-        raw[-(1 << 20)] ^= 0x10
-        client.put_object(Bucket=bucket, Key=shard, Body=bytes(raw))
+
+def _flip_a_byte_in_the_second_slice(shard: Path) -> None:
+    """Damage the big tensor of ``_large_state`` inside its second checksum slice."""
+    with open(shard, "r+b") as f:
+        f.seek(-(1 << 20), os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-(1 << 20), os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def _assert_falls_back_to_step_1(
+    ck: Checkpointer, target: dict[str, torch.Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
     assert ck.load_latest(target) == 1
     for k, v in _large_state(1).items():
         assert torch.equal(target[k], v), k
@@ -261,24 +278,11 @@ def test_cpu_targets_load_by_direct_reads_and_a_flipped_byte_falls_back(
 ) -> None:
     calls = _spy_direct_reads(monkeypatch)
     ck = Checkpointer(str(tmp_path / "ck"), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
-    ck.save(1, _large_state(1), blocking=True)
-    ck.save(2, _large_state(2), blocking=True)
-    target = {k: torch.zeros_like(v) for k, v in _large_state(0).items()}
-    assert ck.load_latest(target) == 2
-    for k, v in _large_state(2).items():
-        assert torch.equal(target[k], v), k
+    target = _two_large_saves_load(ck)
     assert calls, "the large pieces did not take the direct path"
 
-    with open(tmp_path / "ck/step-000000002/rank-00000.safetensors", "r+b") as f:
-        f.seek(-(1 << 20), os.SEEK_END)  # inside the big tensor's second checksum slice
-        byte = f.read(1)
-        f.seek(-(1 << 20), os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x10]))
-    assert ck.load_latest(target) == 1
-    for k, v in _large_state(1).items():
-        assert torch.equal(target[k], v), k
-    assert "step-000000002/rank-00000.safetensors fails its checksum" in caplog.text
-    ck.close()
+    _flip_a_byte_in_the_second_slice(tmp_path / "ck/step-000000002/rank-00000.safetensors")
+    _assert_falls_back_to_step_1(ck, target, caplog)
 
 
 def test_bad_reads_keep_direct_reads_on(tmp_path: Path) -> None:
