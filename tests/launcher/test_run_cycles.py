@@ -23,6 +23,18 @@ def _faults(rank: int) -> str:
     return ",".join(f"crash:rank={rank}:step={EVERY * k}" for k in range(1, CYCLES + 1))
 
 
+def _faults_seen(stalwart: StalwartRunner) -> str:
+    """The agents' fault decisions, for a failure message (the output's tail shows recoveries
+    only: an unexpected extra fault that spent the budget would not be in it)."""
+    faults = [
+        {k: e.get(k) for k in ("node", "generation", "verdict", "decision")}
+        | {"fault": e.get("fault", {}).get("message")}
+        for e in stalwart.events()
+        if e.get("event") == "fault"
+    ]
+    return "\nfaults seen:\n" + "\n".join(json.dumps(f) for f in faults[-(CYCLES + 3) :])
+
+
 def _assert_every_cycle_recovered(stalwart: StalwartRunner, rank: int, steps: int) -> None:
     progress = stalwart.progress_of(rank)
     gens = sorted({g for g, _ in progress})
@@ -50,7 +62,7 @@ def test_twenty_crash_restart_cycles_on_one_node_all_recover(stalwart: StalwartR
         *stalwart.tiny_args(steps),
     )
     out, _ = p.communicate(timeout=400)
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == 0, out[-3000:] + _faults_seen(stalwart)
     _assert_every_cycle_recovered(stalwart, 1, steps)
     budget = [e["used"] for e in stalwart.events() if e["event"] == "budget"]
     assert budget == list(range(1, CYCLES + 1))
@@ -66,7 +78,7 @@ def test_restarts_recover_with_the_static_backend_too(stalwart: StalwartRunner, 
         *stalwart.tiny_args(steps),
     )  # fmt: skip
     out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == 0, out[-3000:] + _faults_seen(stalwart)
     progress = stalwart.progress_of(1)
     assert sorted({g for g, _ in progress}) == list(range(cycles + 1))
     assert progress[-1] == (cycles, steps)
