@@ -281,7 +281,9 @@ def crc_slices_copy(src: np.ndarray, dst: np.ndarray) -> list[int]:
         for i in range(start, min(start + CHUNK_BYTES, src.size), _FUSED_BLOCK):
             block = src[i : min(i + _FUSED_BLOCK, start + CHUNK_BYTES)]
             crc = _crc32c(block, crc)
-            dst[i : i + block.size] = block  # two threads: numpy's copy ran ahead of copy_bytes
+            # numpy's copy, not copy_bytes: the memory tier's two copying threads do no I/O that
+            # the GIL could stall, and numpy's was the faster of the two there (A/B runs)
+            dst[i : i + block.size] = block
         crcs.append(int(crc))
     return crcs
 

@@ -47,7 +47,8 @@ _CHECKED_BLOCK = 1 << 20  # read, then checksum while it is in L2
 _DIRECT_ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # Direct reads: 16 MiB per request (1 GiB cold with 4 streams here: 4 MiB 328 ms, 8 MiB 323-340,
-# 16 MiB 310-323); pieces smaller than a few requests are not worth a second descriptor.
+# 16 MiB 310-323). Pieces under 1 MiB stay in the page cache: a second descriptor and a bounce
+# buffer are not worth a few KiB.
 _DIRECT_READ_BLOCK = 16 << 20
 _DIRECT_READ_MIN = 1 << 20
 _HUGE_PAGE = 2 << 20
