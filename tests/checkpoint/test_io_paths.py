@@ -197,6 +197,18 @@ def test_read_checked_continues_a_checksum_from_its_seed(tmp_path: Path) -> None
     storage.close()
 
 
+def _evict(root: Path) -> None:
+    """Drop ``root``'s files (or the file itself) from the page cache: a cold read, as after a
+    restart on another node (cached files are read through the page cache)."""
+    os.sync()
+    for f in [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _spy_direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the reads that take the direct path (the real function still runs)."""
     from stalwart.checkpoint import storage_posix
@@ -222,6 +234,7 @@ def test_direct_reads_match_the_file_and_its_slice_checksums(
     # more than one bounce buffer and one checksum slice, ending off any alignment
     payload = np.random.default_rng(offset).integers(0, 256, CHUNK_BYTES + (17 << 20) + 17, dtype=np.uint8)
     (tmp_path / "f.bin").write_bytes(b"x" * offset + payload.tobytes() + b"tail")
+    _evict(tmp_path / "f.bin")
     into = np.empty_like(payload)
     with storage.reading():
         assert storage.read_checked("f.bin", offset, into) == crc_slices(payload)
@@ -314,6 +327,29 @@ def test_replicated_pieces_go_through_the_page_cache_when_ranks_on_the_node_shar
     for k, v in _large_state(1).items():
         assert torch.equal(target[k], v), k
     ck._node_readers = 1
+    _evict(tmp_path / "ck")  # that load left the file in the page cache, where it would be read
     assert ck.load_latest(target) == 1
     assert calls
     ck.close()
+
+
+def test_a_file_in_the_page_cache_is_read_there_and_an_evicted_one_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stalwart.checkpoint.storage_posix import _CACHESTAT
+
+    calls = _spy_direct_reads(monkeypatch)
+    storage = PosixStorage(str(tmp_path))
+    payload = np.random.default_rng(6).integers(0, 256, 8 << 20, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())  # written through the page cache
+    into = np.empty_like(payload)
+    assert storage.read_checked("f.bin", 0, into) == crc_slices(payload)
+    if not _CACHESTAT.available:
+        pytest.skip("this kernel has no cachestat(2) (Linux 6.5+): cached files are read directly")
+    assert not calls
+    _evict(tmp_path / "f.bin")
+    into[:] = 0
+    assert storage.read_checked("f.bin", 0, into) == crc_slices(payload)
+    assert np.array_equal(into, payload)
+    assert len(calls) == 1
+    storage.close()
