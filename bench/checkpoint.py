@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the SeaweedFS launcher the tests use
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer  # noqa: E402
 from stalwart.checkpoint.memory import remove_job  # noqa: E402
+from stalwart.checkpoint.storage_posix import huge_page_buffer  # noqa: E402
 
 
 def make_state(gib: float) -> dict[str, torch.Tensor]:
@@ -320,14 +321,9 @@ def local_cases(bench: Bench, workdir: Path) -> None:
     # the page cache drifts between 300 and 1000 ms). The buffers are reused, as a loader's
     # would be, and take 64 MiB, so the cases that run beside this ceiling keep their memory.
     part_bytes = [(raw / f"part{i}").stat().st_size for i in range(2)]
-    landings: list[np.ndarray] = []
-    for _ in range(4):
-        mapping = mmap.mmap(-1, 18 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        with contextlib.suppress(AttributeError, OSError):
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-        whole = np.frombuffer(mapping, dtype=np.uint8)
-        landings.append(whole[-whole.ctypes.data % (2 << 20) :][: 16 << 20])
-        landings[-1][:] = 0
+    landings = [huge_page_buffer(16 << 20) for _ in range(4)]  # the loader's kind of buffer
+    for landing in landings:
+        landing[:] = 0
 
     def raw_read_direct() -> float:
         drop_caches([raw])

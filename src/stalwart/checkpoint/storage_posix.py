@@ -381,7 +381,7 @@ class _BouncePool:
         with self._lock:
             buf = self._free.pop() if self._free else None
         if buf is None:
-            buf = _huge_page_buffer(_DIRECT_READ_BLOCK)
+            buf = huge_page_buffer(_DIRECT_READ_BLOCK)
         try:
             yield buf
         finally:
@@ -390,7 +390,7 @@ class _BouncePool:
                     self._free.append(buf)
 
 
-def _huge_page_buffer(nbytes: int) -> np.ndarray:
+def huge_page_buffer(nbytes: int) -> np.ndarray:
     """``nbytes`` of anonymous memory aligned to a huge page, backed by huge pages where the
     kernel allows: the disk then writes into few physically contiguous runs."""
     raw = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -25,23 +25,16 @@ from stalwart.worker.api import Report
 
 __all__ = ["LOSS_LINE", "LossConfig", "LossMonitor", "parse_loss_line", "robust_zscore"]
 
-# An evaluation's loss (eval_loss, val/loss, "test loss") is not the training curve.
-_NOT_TRAINING = "".join(
-    rf"(?<!\b{word}{sep})"
-    for word in ("eval", "val", "valid", "validation", "test")
-    for sep in ("_", "/", " ")
-)
-# "loss" not preceded by a letter (train_loss, lm loss) nor by an evaluation's name, then optional
-# quote, separator, quote.
+# "loss" not preceded by a letter (train_loss, lm loss), then optional quote, separator, quote.
 LOSS_LINE = re.compile(
-    rf"""(?<![A-Za-z]){_NOT_TRAINING}"""
-    r"""loss['"]?\s*[:=]?\s*['"]?(?:tensor\()?"""
+    r"""(?<![A-Za-z])loss['"]?\s*[:=]?\s*['"]?(?:tensor\()?"""
     r"""([-+]?(?:nan|inf(?:inity)?|\d+\.?\d*(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?))(?![\w.])""",
     re.IGNORECASE,
 )
 
-# A metric named for an evaluation further up its key (valid_nll_loss, eval_mlm_loss)
-_EVALUATION_KEY = re.compile(r"(?:^|[^\w/])(?:eval|val|valid|validation|test)[_/][\w/]*$", re.IGNORECASE)
+# An evaluation's metric, named so anywhere up its key: eval_loss, val/loss, "test loss",
+# valid_nll_loss, eval_mlm_loss. It is not the training curve.
+_EVALUATION_KEY = re.compile(r"(?:^|[^\w/])(?:eval|val|valid|validation|test)[_/ ][\w/]*$", re.IGNORECASE)
 # A line that reports an evaluation as a whole: fairseq's "| valid on 'valid' subset | loss 3.9",
 # torchtitan's "validate step: 100  loss: 3.9"
 _EVALUATION_LINE = re.compile(
