@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 from stalwart.launcher.pid1 import run_as_init
@@ -52,17 +51,14 @@ def _orphans(n: int) -> int:
 
 
 def _signal() -> int:
-    got: list[int] = []
-    ev = threading.Event()
-
-    def handler(sig: int, _frame: object) -> None:
-        got.append(sig)
-        ev.set()
-
-    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(s, handler)
+    # Wait with sigtimedwait, not a handler that sets a threading.Event: a handler runs between two
+    # bytecodes of the main thread, and if that thread holds the Event's lock (inside wait()),
+    # set() blocks on it forever.
+    waited = {signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     print("ready", flush=True)
-    ev.wait(60)
+    info = signal.sigtimedwait(waited, 60)
+    got = [info.si_signo] if info is not None else []
     print(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "got": got}), flush=True)
     return 7
 
