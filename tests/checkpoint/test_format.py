@@ -10,7 +10,16 @@ import torch
 from safetensors import safe_open
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer
-from stalwart.checkpoint.format import Piece, copy_bytes, crc_slices, flatten, plan_layout
+from stalwart.checkpoint import format as fmt
+from stalwart.checkpoint.format import (
+    Piece,
+    SliceCrcs,
+    copy_bytes,
+    crc_extend,
+    crc_slices,
+    flatten,
+    plan_layout,
+)
 from stalwart.errors import CheckpointError
 
 
@@ -86,3 +95,28 @@ def test_copy_bytes_copies_and_refuses_a_read_only_target() -> None:
     with pytest.raises(ValueError, match="read-only"):
         copy_bytes(frozen, src)
     assert not frozen.any()
+
+
+@pytest.mark.parametrize("seed", [0, 0x1234ABCD])
+def test_slice_crcs_fed_in_any_blocks_match_crc_slices(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 1000)  # many slices from a few KiB
+    rng = np.random.default_rng(seed)
+    for size in [0, 1, 999, 1000, 1001, 4000, 6543]:
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        copy = np.zeros_like(data)
+        sums = SliceCrcs(size, seed)
+        while sums.done < size:
+            n = sums.next_block(int(rng.integers(1, 700)))
+            block = data[sums.done : sums.done + n]
+            if n % 2:
+                sums.extend_copy(block, copy[sums.done : sums.done + n])
+            else:
+                copy[sums.done : sums.done + n] = block
+                sums.extend(block)
+        expected = crc_slices(data)
+        if size:
+            expected[0] = crc_extend(seed, data[:1000])
+        else:
+            expected = [seed]
+        assert sums.crcs == expected, size
+        assert np.array_equal(copy, data)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -19,7 +21,11 @@ from stalwart.checkpoint.format import CHUNK_BYTES, crc_extend, crc_slices, crc_
 from stalwart.checkpoint.storage_posix import PosixStorage
 from stalwart.errors import CheckpointCorrupt, CheckpointError
 
+from .ranks import run_ranks
 from .servers import CREDENTIALS, S3Server
+from .workers.readers_worker import TENSOR_BYTES
+
+READERS = Path(__file__).parent / "workers" / "readers_worker.py"
 
 
 def _aligned(nbytes: int, seed: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -312,25 +318,42 @@ def test_bad_reads_keep_direct_reads_on(tmp_path: Path) -> None:
     storage.close()
 
 
-def test_replicated_pieces_go_through_the_page_cache_when_ranks_on_the_node_share_them(
+def _ddp_load_reads(
+    root: Path, tmp_path: Path, local_world_size: int, monkeypatch: pytest.MonkeyPatch
+) -> int:
+    """Both ranks of a 2-rank DDP job load the latest checkpoint cold; the bytes the two read
+    from storage together."""
+    _evict(root)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world_size))
+    results = _run_readers("load", root, tmp_path)
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in results]
+    assert all(r["step"] == 5 and r["exact"] for r in reports), reports
+    return sum(r["read_bytes"] for r in reports)
+
+
+def _run_readers(mode: str, root: Path, tmp_path: Path) -> list[str]:
+    store = tmp_path / f"store-{mode}-{uuid.uuid4().hex[:6]}"
+    argv = [sys.executable, str(READERS), "--mode", mode, "--root", str(root), "--store", str(store)]
+    results = run_ranks([[*argv, "--rank", str(rank)] for rank in range(2)], timeout=120)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} failed:\n{out[-3000:]}"
+    return [out for _, out in results]
+
+
+def test_ranks_on_one_node_read_replicated_pieces_from_storage_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # every local rank reads all of a replicated piece: through the page cache the node reads it
-    # from storage once, where direct reads would fetch it once per rank
-    calls = _spy_direct_reads(monkeypatch)
-    ck = Checkpointer(str(tmp_path / "ck"), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
-    ck.save(1, _large_state(1), blocking=True)
-    target = {k: torch.zeros_like(v) for k, v in _large_state(0).items()}
-    ck._node_readers = 4  # what LOCAL_WORLD_SIZE=4 gives a distributed checkpointer
-    assert ck.load_latest(target) == 1
-    assert not calls
-    for k, v in _large_state(1).items():
-        assert torch.equal(target[k], v), k
-    ck._node_readers = 1
-    _evict(tmp_path / "ck")  # that load left the file in the page cache, where it would be read
-    assert ck.load_latest(target) == 1
-    assert calls
-    ck.close()
+    # DDP: every rank loads the replicated tensors from rank 0's file. Through the page cache
+    # (LOCAL_WORLD_SIZE > 1) the node reads them from storage once; direct reads, which a
+    # single reader on the node gets, would fetch them once per rank.
+    root = tmp_path / "ck"
+    _run_readers("save", root, tmp_path)
+    alone = _ddp_load_reads(root, tmp_path, 1, monkeypatch)  # each rank reads as if alone: the control
+    if alone < TENSOR_BYTES:
+        pytest.skip(f"/proc/self/io counts {alone} bytes read from storage here (no block device under tmp?)")
+    assert alone >= 2 * TENSOR_BYTES, "the control: each rank reads the file directly"
+    shared = _ddp_load_reads(root, tmp_path, 2, monkeypatch)
+    assert TENSOR_BYTES <= shared < 1.5 * TENSOR_BYTES, f"{shared} bytes read for {TENSOR_BYTES} replicated"
 
 
 def test_a_file_in_the_page_cache_is_read_there_and_an_evicted_one_directly(

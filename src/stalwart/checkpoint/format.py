@@ -31,6 +31,7 @@ __all__ = [
     "Layout",
     "Leaf",
     "Piece",
+    "SliceCrcs",
     "as_bytes",
     "copy_bytes",
     "crc_extend",
@@ -267,25 +268,58 @@ def crc_extend_copy(crc: int, src: np.ndarray, dst: np.ndarray) -> int:
     return crc
 
 
+class SliceCrcs:
+    """The checksums of a ``size``-byte buffer, one per ``CHUNK_BYTES`` slice, fed in order by
+    blocks that never straddle a slice (``next_block`` sizes them); the first slice's checksum
+    extends ``seed``, the checksum of the bytes before the buffer."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.done = 0
+        self.crc = seed  # of the slice under way, so far
+        self._crcs: list[int] = []
+
+    def next_block(self, limit: int) -> int:
+        """The next block's size: at most ``limit``, and not past the end of the slice."""
+        return min(limit, self.size - self.done, CHUNK_BYTES - self.done % CHUNK_BYTES)
+
+    def extend(self, block: np.ndarray) -> None:
+        """Take the next block."""
+        self.advance(crc_extend(self.crc, block), block.size)
+
+    def extend_copy(self, block: np.ndarray, into: np.ndarray) -> None:
+        """Take the next block while copying it into ``into``."""
+        self.advance(crc_extend_copy(self.crc, block, into), block.size)
+
+    def advance(self, crc: int, nbytes: int) -> None:
+        """Take the next block's checksum, ``crc`` (of ``self.crc`` extended over it)."""
+        self.crc = crc
+        self.done += nbytes
+        if self.done % CHUNK_BYTES == 0 or self.done == self.size:
+            self._crcs.append(crc)
+            self.crc = 0
+
+    @property
+    def crcs(self) -> list[int]:
+        """Every slice's checksum (``[seed]`` for an empty buffer, as ``crc_slices`` gives 0)."""
+        return self._crcs if self.size else [self.crc]
+
+
 _FUSED_BLOCK = 1 << 20  # stays in L2 between its checksum and its copy
 
 
 def crc_slices_copy(src: np.ndarray, dst: np.ndarray) -> list[int]:
     """``crc_slices(src)`` while copying ``src`` into ``dst``, block by block: the source is read
     from memory once, and the copy reads it back from cache."""
-    if src.size == 0:
-        return [0]
-    crcs: list[int] = []
-    for start in range(0, src.size, CHUNK_BYTES):
-        crc = 0
-        for i in range(start, min(start + CHUNK_BYTES, src.size), _FUSED_BLOCK):
-            block = src[i : min(i + _FUSED_BLOCK, start + CHUNK_BYTES)]
-            crc = _crc32c(block, crc)
-            # numpy's copy, not copy_bytes: the memory tier's two copying threads do no I/O that
-            # the GIL could stall, and numpy's was the faster of the two there (A/B runs)
-            dst[i : i + block.size] = block
-        crcs.append(int(crc))
-    return crcs
+    sums = SliceCrcs(src.size)
+    while sums.done < src.size:
+        i = sums.done
+        block = src[i : i + sums.next_block(_FUSED_BLOCK)]
+        sums.advance(crc_extend(sums.crc, block), block.size)
+        # numpy's copy, not copy_bytes: the memory tier's two copying threads do no I/O that
+        # the GIL could stall, and numpy's was the faster of the two there (A/B runs)
+        dst[i : i + block.size] = block
+    return sums.crcs
 
 
 def file_digest(header: bytes, piece_crcs: Sequence[Sequence[int]]) -> int:

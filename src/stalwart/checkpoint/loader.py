@@ -34,8 +34,8 @@ from stalwart.checkpoint.api import (
 )
 from stalwart.checkpoint.format import (
     CHUNK_BYTES,
+    SliceCrcs,
     as_bytes,
-    crc_extend,
     crc_slices,
     crc_slices_copy,
     decode_key,
@@ -401,18 +401,13 @@ def _read_staged(
 ) -> None:
     """Read one piece through ``stager`` into its device target, checksumming as it reads; a
     mismatch raises after the copies, as a direct read does after reading into its target."""
-    crcs: list[int] = []
-    crc = done = 0
-    while done < chunk.nbytes:
-        # never straddle a checksum slice: each slice's checksum continues across its reads
-        n = min(_STAGE_BYTES, chunk.nbytes - done, CHUNK_BYTES - done % CHUNK_BYTES)
-        (crc,) = _read_range(source, file, chunk.start + done, stager.take(n), crc, direct)
+    sums = SliceCrcs(chunk.nbytes)
+    while sums.done < chunk.nbytes:
+        done, n = sums.done, sums.next_block(_STAGE_BYTES)
+        (crc,) = _read_range(source, file, chunk.start + done, stager.take(n), sums.crc, direct)
         stager.send(into.target[done : done + n])
-        done += n
-        if done % CHUNK_BYTES == 0 or done == chunk.nbytes:
-            crcs.append(crc)
-            crc = 0
-    if crcs != chunk.crcs:
+        sums.advance(crc, n)
+    if sums.crcs != chunk.crcs:
         raise CheckpointCorrupt(
             f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
         )
@@ -479,10 +474,10 @@ def _read_range(
         raise
     except OSError as exc:
         raise CheckpointCorrupt(f"cannot read {source.where(file)}: {exc}") from None
-    if not seed:
-        return crc_slices(buf)
-    rest = crc_slices(buf[CHUNK_BYTES:]) if buf.size > CHUNK_BYTES else []
-    return [crc_extend(seed, buf[:CHUNK_BYTES]), *rest]
+    sums = SliceCrcs(buf.size, seed)
+    while sums.done < buf.size:
+        sums.extend(buf[sums.done : sums.done + sums.next_block(CHUNK_BYTES)])
+    return sums.crcs
 
 
 def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray, direct: bool = True) -> None:

@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from stalwart.checkpoint.format import CHUNK_BYTES, crc_extend, crc_extend_copy
+from stalwart.checkpoint.format import SliceCrcs
 from stalwart.errors import CheckpointCorrupt, CheckpointError
 
 __all__ = ["PosixStorage"]
@@ -224,16 +224,12 @@ class PosixStorage:
                 os.close(dfd)
         fd = os.open(target, os.O_RDONLY)
         try:
-            crcs: list[int] = []
-            for start in range(0, buf.size, CHUNK_BYTES):
-                crc = seed if start == 0 else 0
-                end = min(start + CHUNK_BYTES, buf.size)
-                for i in range(start, end, _CHECKED_BLOCK):
-                    block = buf[i : min(i + _CHECKED_BLOCK, end)]
-                    _pread_all(fd, memoryview(block), offset + i, target)
-                    crc = crc_extend(crc, block)
-                crcs.append(crc)
-            return crcs
+            sums = SliceCrcs(buf.size, seed)
+            while sums.done < buf.size:
+                block = buf[sums.done : sums.done + sums.next_block(_CHECKED_BLOCK)]
+                _pread_all(fd, memoryview(block), offset + sums.done, target)
+                sums.extend(block)
+            return sums.crcs
         finally:
             os.close(fd)
 
@@ -406,11 +402,10 @@ def _read_direct_checked(
 ) -> list[int]:
     """``read_checked`` through ``O_DIRECT``: aligned blocks into a bounce buffer, each one's
     checksum and copy into ``buf`` while it is in cache."""
-    crcs: list[int] = []
-    crc, done, end = seed, 0, offset + buf.size
+    sums, end = SliceCrcs(buf.size, seed), offset + buf.size
     with pool.take() as bounce:
-        while done < buf.size:
-            at = offset + done
+        while sums.done < buf.size:
+            at = offset + sums.done
             lo = at - at % _DIRECT_ALIGN
             # requests end on multiples of the block in the file: a piece that starts a few
             # KiB past one reads that stretch first, then whole aligned blocks (1 GiB in 16 MiB
@@ -421,15 +416,11 @@ def _read_direct_checked(
                 raise CheckpointCorrupt(f"{name} is truncated: a read at byte {at} found the end of the file")
             src = bounce[at - lo : min(lo + got, end) - lo]
             i = 0
-            while i < src.size:  # in cache-sized blocks that never straddle a checksum slice
-                n = min(_CHECKED_BLOCK, src.size - i, CHUNK_BYTES - done % CHUNK_BYTES)
-                crc = crc_extend_copy(crc, src[i : i + n], buf[done : done + n])
+            while i < src.size:  # in cache-sized blocks, each checksummed and copied
+                n = sums.next_block(min(_CHECKED_BLOCK, src.size - i))
+                sums.extend_copy(src[i : i + n], buf[sums.done : sums.done + n])
                 i += n
-                done += n
-                if done % CHUNK_BYTES == 0 or done == buf.size:
-                    crcs.append(crc)
-                    crc = 0
-    return crcs
+    return sums.crcs
 
 
 def _pread_direct(fd: int, view: np.ndarray, offset: int) -> int:
