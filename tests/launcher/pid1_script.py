@@ -3,7 +3,8 @@
 Usage: ``python pid1_script.py MODE [ARG]``; it prints one JSON line with what it saw.
 
 - ``orphans N``: make N orphans that exit (double fork), then poll ``/proc`` until they are gone.
-- ``signal``: print ``ready``, wait for a signal, report it, return 7.
+- ``signal``: print ``ready``, wait for a signal, report it, return 7 (``EXTRA_SIGNALS``: more
+  signals for init to forward, numbers separated by commas).
 - ``selfkill``: SIGKILL itself (init must exit 128 + 9).
 - ``leftover``: leave a ``sleep`` behind in its own session (like a worker) and return 3.
 """
@@ -54,7 +55,7 @@ def _signal() -> int:
     # Wait with sigtimedwait, not a handler that sets a threading.Event: a handler runs between two
     # bytecodes of the main thread, and if that thread holds the Event's lock (inside wait()),
     # set() blocks on it forever.
-    waited = {signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT}
+    waited = {signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT, signal.SIGXCPU}
     signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     print("ready", flush=True)
     info = signal.sigtimedwait(waited, 60)
@@ -83,4 +84,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_as_init(main))
+    # EXTRA_SIGNALS: what ``stalwart run --signals-to-handle`` adds to the forwarded set
+    extra = [int(s) for s in os.environ.get("EXTRA_SIGNALS", "").split(",") if s]
+    sys.exit(run_as_init(main, signals=extra))

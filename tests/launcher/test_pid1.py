@@ -102,6 +102,18 @@ def test_init_forwards_signals_and_exits_with_the_agents_code(spawn, sig: signal
 
 
 @needs_unshare
+def test_init_forwards_the_extra_signals_the_agent_handles(spawn) -> None:
+    # `--signals-to-handle ...,SIGXCPU`: as PID 1, init would drop a signal it has no handler for
+    p = spawn("signal", env={"EXTRA_SIGNALS": str(int(signal.SIGXCPU))})
+    assert p.stdout is not None
+    assert p.stdout.readline().strip() == "ready"
+    os.kill(_pid1_of(p).pid, signal.SIGXCPU)
+    out, err = p.communicate(timeout=60)
+    assert _json_line(out)["got"] == [int(signal.SIGXCPU)]
+    assert p.returncode == 7, err
+
+
+@needs_unshare
 def test_agent_killed_by_a_signal_gives_128_plus_signal(spawn) -> None:
     p = spawn("selfkill")
     _, err = p.communicate(timeout=60)

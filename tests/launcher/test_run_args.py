@@ -28,6 +28,8 @@ def _config(tmp_path: Path, *argv: str):  # type: ignore[no-untyped-def]
         (["--pre-train-script", "'unclosed"], "--pre-train-script"),
         (["--post-train-script", "  "], "--post-train-script is empty"),
         (["--signals-to-handle", "SIGFOO"], "unknown signal 'SIGFOO'"),
+        (["--signals-to-handle", "SIGTERM,SIGKILL"], "SIGKILL cannot be caught"),
+        (["--signals-to-handle", "CHLD"], "SIGCHLD is how the agent learns"),
         (["--user-error-threshold", "0"], "--user-error-threshold"),
         (["--restart-ladder", "exit,restart_workers"], "must be in ladder order"),
         (["--restart-ladder", "in_process,exit"], "in_process rung is not available"),

@@ -219,7 +219,19 @@ def _signals(text: str) -> tuple[int, ...]:
             out.append(int(signal.Signals[name if name.startswith("SIG") else "SIG" + name]))
         except KeyError as exc:
             raise ConfigError(f"--signals-to-handle: unknown signal {name!r}; e.g. SIGTERM,SIGINT") from exc
+        if out[-1] in _UNHANDLED_SIGNALS:
+            raise ConfigError(
+                f"--signals-to-handle: {signal.Signals(out[-1]).name} {_UNHANDLED_SIGNALS[out[-1]]}; "
+                "leave it out (e.g. SIGTERM,SIGINT,SIGUSR1)"
+            )
     return tuple(out)
+
+
+_UNHANDLED_SIGNALS = {
+    signal.SIGKILL: "cannot be caught",
+    signal.SIGSTOP: "cannot be caught",
+    signal.SIGCHLD: "is how the agent learns that its workers exited",
+}
 
 
 def _worker_host(args: argparse.Namespace, endpoint: str) -> str:

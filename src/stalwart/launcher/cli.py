@@ -99,4 +99,4 @@ def main(argv: Sequence[str]) -> int:
         )
         return StalwartAgent(config, spec).execute()
 
-    return run_as_init(agent_main)
+    return run_as_init(agent_main, signals=config.signals)

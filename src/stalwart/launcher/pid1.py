@@ -6,9 +6,10 @@ any signal PID 1 has no handler for (``docker stop`` sends SIGTERM to PID 1 and 
 
 ``run_as_init(main)`` splits the process in two when it is PID 1 (or ``STALWART_INIT=1``)::
 
-    init (this process)                     agent (forked child, own process group)
-      forwards TERM/INT/HUP/USR1/USR2  -->    runs main(): stops its workers with a grace period
-      reaps every child on SIGCHLD            and returns the job's exit code
+    init (this process)                       agent (forked child, own process group)
+      forwards TERM/INT/HUP/QUIT/USR1/USR2  -->  runs main(): stops its workers with a grace
+      and the agent's --signals-to-handle        period and returns the job's exit code
+      reaps every child on SIGCHLD
       exits with the agent's exit code
 
 When the agent is gone, init stops whatever it left behind (orphans re-parented to init):
@@ -24,7 +25,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import psutil
 
@@ -49,18 +50,20 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def run_as_init(main: Callable[[], int], *, force: bool | None = None) -> int:
+def run_as_init(main: Callable[[], int], *, force: bool | None = None, signals: Iterable[int] = ()) -> int:
     """Run ``main`` (the agent); if this process is PID 1, also act as init. Returns the exit code.
 
     ``force`` overrides the decision (default: PID 1, or ``STALWART_INIT=1``; ``STALWART_INIT=0``
-    turns init mode off). Without init mode this is just ``return main()``.
+    turns init mode off). Without init mode this is just ``return main()``. ``signals``: more
+    signals to forward besides ``FORWARDED_SIGNALS`` (the agent's ``--signals-to-handle``; as
+    PID 1, init drops any signal it does not handle).
     """
     if force is None:
         env = os.environ.get(ENV_INIT, "")
         force = env == "1" or (os.getpid() == 1 and env != "0")
     if not force:
         return main()
-    return _Init(main).run()
+    return _Init(main, {*FORWARDED_SIGNALS, *map(signal.Signals, signals)}).run()
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -78,11 +81,11 @@ def _exit_code(status: int) -> int:
 class _Init:
     """The init side of ``run_as_init``; states: running the agent -> stopping leftovers -> done."""
 
-    def __init__(self, main: Callable[[], int]) -> None:
+    def __init__(self, main: Callable[[], int], forwarded: set[signal.Signals]) -> None:
         self._main = main
         self._agent_pid = 0
         self._agent_code: int | None = None
-        self._waited = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
+        self._waited = forwarded | {signal.SIGCHLD}
 
     def run(self) -> int:
         if os.getpid() != 1:
