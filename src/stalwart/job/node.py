@@ -35,24 +35,35 @@ def _write_atomic(path: str, text: str) -> None:
 # not imported: this module stays standard-library only)
 _HAND_OVER = {75: "a monitor asks to replace this node", 76: "the restart budget is spent"}
 _stopping: list[int] = []  # signals received: a node being stopped is not replaced
+_child: subprocess.Popen[bytes] | None = None  # the agent now running
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    _stopping.append(signum)
+    _signal_child(signum)
+
+
+def _signal_child(signum: int) -> None:
+    try:
+        if _child is not None:
+            _child.send_signal(signum)  # a no-op once the child was waited for
+    except ProcessLookupError:
+        pass
 
 
 def _run_child(argv: list[str]) -> int:
+    """Run the agent to its end; a stop signal that came before it started ends it at once."""
+    global _child
+    if _stopping:
+        return -_stopping[0]  # as Popen reports a child killed by that signal
     try:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     except OSError as exc:
         print(f"stalwart: cannot start {argv[0]!r}: {exc}", file=sys.stderr, flush=True)
         return 127
-
-    def forward(signum: int, _frame: object) -> None:
-        _stopping.append(signum)
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    _child = child
+    if _stopping:  # it came while the agent started, and went to no one (or to the one before)
+        _signal_child(_stopping[0])
     while True:
         try:
             return child.wait()
@@ -63,6 +74,10 @@ def _run_child(argv: list[str]) -> int:
 def _supervise(node_dir: str, argv: list[str], replacements: int = 0) -> int:
     """Run the agent; when it hands the node over (exit 75/76), start a replacement, up to
     ``replacements`` times: what Kubernetes does with the job's pods up to its backoff limit."""
+    # installed once, before the first agent starts: no moment where a signal kills the
+    # supervisor (the default action) and leaves its agent running without it
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     replaced = 0
     while True:
         rc = _run_child(argv)
