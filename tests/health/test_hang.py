@@ -214,7 +214,7 @@ def test_proc_state_and_signal_mask_are_read_from_proc(tmp_path: Path) -> None:
     fake = tmp_path / "77"
     fake.mkdir()
     (fake / "stat").write_text("77 (a) b) T 1 77 77 0 -1")
-    (fake / "status").write_text("Name:\tx\nSigCgt:\t0000000000000200\n")
+    (fake / "status").write_text(f"Name:\tx\nSigCgt:\t{1 << (STACK_DUMP_SIGNAL - 1):016x}\n")
     assert proc_state(77, proc=str(tmp_path)) == "T"
     assert catches_signal(77, STACK_DUMP_SIGNAL, proc=str(tmp_path))
 

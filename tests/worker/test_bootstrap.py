@@ -186,7 +186,8 @@ def test_stack_dump_file_appears_after_the_signal(pool: StandbyPool, tmp_path: P
     _script(
         tmp_path,
         """
-        import time
+        import signal, time
+        signal.signal(signal.SIGUSR1, lambda *a: open("usr1-handled", "w").close())  # like SLURM's
         def wait_forever():
             print("sleeping", flush=True)
             time.sleep(300)
@@ -208,8 +209,9 @@ def test_stack_dump_file_appears_after_the_signal(pool: StandbyPool, tmp_path: P
         time.sleep(0.05)
     text = dump.read_text()
     # The frame's line is the sleep, or the print if the signal beat the flush's return.
-    assert re.search(r'script\.py", line [45] in wait_forever', text), text
+    assert re.search(r'script\.py", line [56] in wait_forever', text), text
     assert proc.poll() is None
+    assert not (tmp_path / "usr1-handled").exists(), "the dump request set off the script's SIGUSR1 handler"
 
 
 def test_keyboard_interrupt_exits_by_sigint_like_python(pool: StandbyPool, tmp_path: Path) -> None:

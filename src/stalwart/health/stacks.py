@@ -5,7 +5,7 @@ appending to ``stack_dump_path(dir, rank, pid)``. The handler runs in C inside t
 so it also dumps a process whose Python thread holds the GIL in a C call. It cannot dump a
 stopped process (state ``T``): those are reported as stopped, with their kernel wait channel, and
 dumped with ``py-spy`` when it is installed. A process that does not catch the signal is never
-sent it: SIGUSR1's default action would kill it.
+sent it: the signal's default action would kill it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -94,7 +95,10 @@ ENV_STACK_DIR = "STALWART_STACK_DIR"
 """Directory for stack dumps. Workers started by stalwart register ``faulthandler`` on
 ``STACK_DUMP_SIGNAL`` (all threads) writing to ``stack_dump_path(dir, rank, pid)``."""
 
-STACK_DUMP_SIGNAL = 10  # SIGUSR1 on Linux
+STACK_DUMP_SIGNAL = int(signal.SIGRTMIN) + 10
+"""``SIGRTMIN+10`` (44 with glibc): a real-time signal, not SIGUSR1, which training code often
+handles itself (SLURM's pre-emption warning, Lightning's requeue): a handler of its own would
+replace faulthandler's, and a dump request would set off a save-and-requeue instead."""
 
 
 def stack_dump_path(stack_dir: str, rank: int, pid: int) -> str:
