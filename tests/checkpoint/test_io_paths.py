@@ -349,8 +349,11 @@ def test_ranks_on_one_node_read_replicated_pieces_from_storage_once(
     root = tmp_path / "ck"
     _run_readers("save", root, tmp_path)
     alone = _ddp_load_reads(root, tmp_path, 1, monkeypatch)  # each rank reads as if alone: the control
-    if alone < TENSOR_BYTES:
-        pytest.skip(f"/proc/self/io counts {alone} bytes read from storage here (no block device under tmp?)")
+    if alone < 1.5 * TENSOR_BYTES:
+        pytest.skip(
+            f"the control read {alone} bytes for 2 x {TENSOR_BYTES}: no block device under tmp "
+            "(/proc/self/io counts none), or no direct reads there"
+        )
     assert alone >= 2 * TENSOR_BYTES, "the control: each rank reads the file directly"
     shared = _ddp_load_reads(root, tmp_path, 2, monkeypatch)
     assert TENSOR_BYTES <= shared < 1.5 * TENSOR_BYTES, f"{shared} bytes read for {TENSOR_BYTES} replicated"

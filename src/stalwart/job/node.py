@@ -51,6 +51,14 @@ def _signal_child(signum: int) -> None:
         pass
 
 
+def _handle_stop_signals() -> None:
+    # installed before the daemon forks (it inherits them) and before any agent starts: no
+    # moment where a signal kills the supervisor (the default action), leaving no exit.json, or
+    # leaves its agent running without it
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
 def _run_child(argv: list[str]) -> int:
     """Run the agent to its end; a stop signal that came before it started ends it at once."""
     global _child
@@ -74,10 +82,7 @@ def _run_child(argv: list[str]) -> int:
 def _supervise(node_dir: str, argv: list[str], replacements: int = 0) -> int:
     """Run the agent; when it hands the node over (exit 75/76), start a replacement, up to
     ``replacements`` times: what Kubernetes does with the job's pods up to its backoff limit."""
-    # installed once, before the first agent starts: no moment where a signal kills the
-    # supervisor (the default action) and leaves its agent running without it
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    _handle_stop_signals()
     replaced = 0
     while True:
         rc = _run_child(argv)
@@ -106,6 +111,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m stalwart.job.node [--replacements N] NODE_DIR -- ARGV...", file=sys.stderr)
         return 2
     node_dir, command = argv[0], argv[2:]
+    _handle_stop_signals()
     pid = os.fork()
     if pid > 0:
         # The intermediate parent records the daemon's pid, then exits so its caller reaps it.

@@ -230,7 +230,11 @@ def _signals(text: str) -> tuple[int, ...]:
 _UNHANDLED_SIGNALS = {
     signal.SIGKILL: "cannot be caught",
     signal.SIGSTOP: "cannot be caught",
-    signal.SIGCHLD: "is how the agent learns that its workers exited",
+    signal.SIGCHLD: "comes at every worker's exit: handled as a stop signal, it would end the job",
+    **{
+        s: "reports a crash of the agent itself: handled, the crash would loop in the handler"
+        for s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
+    },
 }
 
 

@@ -95,10 +95,14 @@ ENV_STACK_DIR = "STALWART_STACK_DIR"
 """Directory for stack dumps. Workers started by stalwart register ``faulthandler`` on
 ``STACK_DUMP_SIGNAL`` (all threads) writing to ``stack_dump_path(dir, rank, pid)``."""
 
-STACK_DUMP_SIGNAL = int(signal.SIGRTMIN) + 10
+STACK_DUMP_SIGNAL = (
+    int(signal.SIGRTMIN) + 10 if hasattr(signal, "SIGRTMIN") else int(getattr(signal, "SIGUSR1", 10))
+)
 """``SIGRTMIN+10`` (44 with glibc): a real-time signal, not SIGUSR1, which training code often
 handles itself (SLURM's pre-emption warning, Lightning's requeue): a handler of its own would
-replace faulthandler's, and a dump request would set off a save-and-requeue instead."""
+replace faulthandler's, and a dump request would set off a save-and-requeue instead. Where there
+are no real-time signals (macOS, where a script may import ``stalwart.worker`` to run without
+stalwart), SIGUSR1."""
 
 
 def stack_dump_path(stack_dir: str, rank: int, pid: int) -> str:
