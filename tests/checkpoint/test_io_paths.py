@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from stalwart.checkpoint import CheckpointConfig, Checkpointer, loader
+from stalwart.checkpoint.api import CheckedRead
 from stalwart.checkpoint.format import CHUNK_BYTES, crc_extend, crc_slices, crc_slices_copy
 from stalwart.checkpoint.storage_posix import PosixStorage
 from stalwart.errors import CheckpointCorrupt, CheckpointError
@@ -217,16 +218,14 @@ def _evict(root: Path) -> None:
 
 def _spy_direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the reads that take the direct path (the real function still runs)."""
-    from stalwart.checkpoint import storage_posix
-
     calls: list[int] = []
-    real = storage_posix._read_direct_checked
+    real = PosixStorage._take_direct
 
-    def counted(*args: Any) -> list[int]:
+    def counted(*args: Any) -> Any:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(storage_posix, "_read_direct_checked", counted)
+    monkeypatch.setattr(PosixStorage, "_take_direct", counted)
     return calls
 
 
@@ -289,6 +288,118 @@ def test_direct_reads_fall_back_to_the_page_cache_where_refused(
         assert storage.read_checked("f.bin", 0, into) == crc_slices(payload)
         assert np.array_equal(into, payload)
         assert not storage.direct_reads and not calls
+    storage.close()
+
+
+def _small_direct_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink the direct reads' request, minimum and checksum sizes so that a few hundred KiB
+    make many requests, slices and pieces (alignment stays the real 4 KiB)."""
+    from stalwart.checkpoint import format as fmt
+    from stalwart.checkpoint import storage_posix
+
+    monkeypatch.setattr(storage_posix, "_DIRECT_READ_BLOCK", 64 << 10)
+    monkeypatch.setattr(storage_posix, "_DIRECT_READ_MIN", 8 << 10)
+    monkeypatch.setattr(storage_posix, "_CHECKED_BLOCK", 5000)
+    monkeypatch.setattr(fmt, "CHUNK_BYTES", 50_000)
+
+
+def _expected_crcs(data: np.ndarray, seed: int) -> list[int]:
+    from stalwart.checkpoint import format as fmt
+
+    crcs = crc_slices(data) if data.size else [seed]
+    if data.size and seed:
+        crcs[0] = crc_extend(seed, data[: fmt.CHUNK_BYTES])
+    return crcs
+
+
+def _read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "stalwart-read-ahead"]
+
+
+def test_many_reads_in_one_stream_match_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the read-ahead thread runs up to two requests ahead across pieces: every piece must still
+    # get its own bytes and checksums, whatever mix of direct, cached, tiny and seeded reads
+    _small_direct_blocks(monkeypatch)
+    calls = _spy_direct_reads(monkeypatch)
+    rng = np.random.default_rng(11)
+    payload = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    _evict(tmp_path / "f.bin")
+    storage = PosixStorage(str(tmp_path))
+    reads, expected = [], []
+    for _ in range(60):
+        offset = int(rng.integers(0, payload.size - 1))
+        size = int(rng.choice([0, 1, 4095, 9000, 64 << 10, 200_000, int(rng.integers(1, 300_000))]))
+        size = min(size, payload.size - offset)
+        seed = int(rng.choice([0, 0x1234ABCD]))
+        reads.append(CheckedRead("f.bin", offset, np.zeros(size, np.uint8), seed, bool(rng.integers(0, 4))))
+        expected.append(_expected_crcs(payload[offset : offset + size], seed))
+    with storage.reading():
+        got = list(storage.read_checked_many(reads))
+    assert got == expected
+    for read in reads:
+        assert np.array_equal(read.buf, payload[read.offset : read.offset + read.buf.size])
+    assert calls, "no read took the direct path"
+    assert not _read_ahead_threads()
+    storage.close()
+
+
+def test_a_bad_read_in_a_stream_raises_there_and_stops_the_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _small_direct_blocks(monkeypatch)
+    payload = np.random.default_rng(12).integers(0, 256, 1 << 20, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    storage = PosixStorage(str(tmp_path))
+
+    def reads(bad: CheckedRead) -> list[CheckedRead]:
+        good = [CheckedRead("f.bin", i * (100 << 10), np.empty(100 << 10, np.uint8)) for i in range(3)]
+        return [*good[:2], bad, good[2]]
+
+    past_the_end = CheckedRead("f.bin", payload.size - (50 << 10), np.empty(200 << 10, np.uint8))
+    missing = CheckedRead("nope.bin", 0, np.empty(200 << 10, np.uint8))
+    for bad, error in [(past_the_end, CheckpointCorrupt), (missing, FileNotFoundError)]:
+        _evict(tmp_path / "f.bin")
+        results = storage.read_checked_many(reads(bad))
+        assert next(results) == crc_slices(payload[: 100 << 10])
+        assert next(results) == crc_slices(payload[100 << 10 : 200 << 10])
+        with pytest.raises(error):
+            next(results)
+        assert not _read_ahead_threads()
+    # a consumer that stops early (a checksum mismatch in the loader) ends the thread too
+    _evict(tmp_path / "f.bin")
+    results = storage.read_checked_many(reads(past_the_end))
+    next(results)
+    results.close()
+    assert not _read_ahead_threads()
+    storage.close()
+
+
+def test_direct_reads_refused_at_read_time_fall_back_for_the_rest_of_a_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stalwart.checkpoint import storage_posix
+
+    _small_direct_blocks(monkeypatch)
+    real = storage_posix._pread_direct
+    asked: list[int] = []
+
+    def refusing(fd: int, view: np.ndarray, offset: int) -> int:
+        asked.append(offset)
+        if len(asked) == 3:  # a file system that takes the open and refuses a read
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(storage_posix, "_pread_direct", refusing)
+    payload = np.random.default_rng(13).integers(0, 256, 1 << 20, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    _evict(tmp_path / "f.bin")
+    storage = PosixStorage(str(tmp_path))
+    reads = [CheckedRead("f.bin", i * 100_000, np.empty(100_000, np.uint8)) for i in range(8)]
+    assert list(storage.read_checked_many(reads)) == [crc_slices(r.buf) for r in reads]
+    for r in reads:
+        assert np.array_equal(r.buf, payload[r.offset : r.offset + r.buf.size])
+    assert not storage.direct_reads
     storage.close()
 
 

@@ -17,12 +17,16 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "RANK_STATE_KEY",
+    "CheckedRead",
     "CheckpointRef",
     "ChunkEntry",
     "FileEntry",
@@ -277,6 +281,19 @@ class Manifest(_Record):
             values,
             version,
         )
+
+
+class CheckedRead(NamedTuple):
+    """One read of a storage's optional ``read_checked_many(reads) -> Iterator[list[int]]``: fill
+    ``buf`` from ``offset`` of ``path``; its checksums are ``crc_slices(buf)``, the first slice's
+    extending ``seed``. ``direct=False``: other processes on the node read these bytes too (keep
+    them in the page cache). ``PosixStorage`` has it; the loader reads through it where present."""
+
+    path: str
+    offset: int
+    buf: np.ndarray
+    seed: int = 0
+    direct: bool = True
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from stalwart.checkpoint.api import (
+    CheckedRead,
     ChunkEntry,
     FileEntry,
     Manifest,
@@ -339,19 +340,50 @@ def _read_chunks(
     shared: set[int],
 ) -> None:
     stagers: dict[torch.device, _Stager] = {}
+    plain = [(file, chunk, into) for file, chunk, into in chunks if not isinstance(into, _Staged)]
+    _read_plain_chunks(source, plain, shared)
     try:
         for file, chunk, into in chunks:
-            direct = id(chunk) not in shared
             if isinstance(into, _Staged):
                 device = into.target.device
                 if device not in stagers:
                     stagers[device] = _Stager(device, callers.get(device))
-                _read_staged(source, file, chunk, into, stagers[device], direct)
-            else:
-                _read_chunk(source, file, chunk, into, direct)
+                _read_staged(source, file, chunk, into, stagers[device], id(chunk) not in shared)
     finally:
         for stager in stagers.values():
             stager.finish()
+
+
+def _read_plain_chunks(
+    source: Source, chunks: Sequence[tuple[str, ChunkEntry, np.ndarray]], shared: set[int]
+) -> None:
+    """Read and verify pieces into host buffers, in order; with one ``read_checked_many`` where
+    the storage has it (POSIX: it reads the next piece while this one is checksummed)."""
+    many = getattr(source.storage, "read_checked_many", None)
+    if many is None:
+        for file, chunk, into in chunks:
+            _read_chunk(source, file, chunk, into)
+        return
+    reads = [
+        CheckedRead(source.prefix + file, chunk.start, into, 0, id(chunk) not in shared)
+        for file, chunk, into in chunks
+    ]
+    done = 0
+    try:
+        with contextlib.closing(many(reads)) as results:
+            for crcs in results:
+                file, chunk, _ = chunks[done]
+                if crcs != chunk.crcs:
+                    raise CheckpointCorrupt(
+                        f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
+                    )
+                done += 1
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{source.where(chunks[done][0])} is missing") from None
+    except CheckpointCorrupt:
+        raise
+    except OSError as exc:
+        raise CheckpointCorrupt(f"cannot read {source.where(chunks[done][0])}: {exc}") from None
 
 
 class _Stager:
@@ -480,8 +512,8 @@ def _read_range(
     return sums.crcs
 
 
-def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray, direct: bool = True) -> None:
-    crcs = _read_range(source, file, chunk.start, buf, 0, direct)
+def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray) -> None:
+    crcs = _read_range(source, file, chunk.start, buf)
     if crcs != chunk.crcs:
         raise CheckpointCorrupt(
             f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
