@@ -222,8 +222,10 @@ def _spy_direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = PosixStorage._take_direct
 
     def counted(*args: Any) -> Any:
-        calls.append(1)
-        return real(*args)
+        crcs = real(*args)
+        if crcs is not None:  # read directly to its end (None: refused, read from the page cache)
+            calls.append(1)
+        return crcs
 
     monkeypatch.setattr(PosixStorage, "_take_direct", counted)
     return calls
@@ -348,6 +350,7 @@ def test_a_bad_read_in_a_stream_raises_there_and_stops_the_read_ahead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _small_direct_blocks(monkeypatch)
+    calls = _spy_direct_reads(monkeypatch)
     payload = np.random.default_rng(12).integers(0, 256, 1 << 20, dtype=np.uint8)
     (tmp_path / "f.bin").write_bytes(payload.tobytes())
     storage = PosixStorage(str(tmp_path))
@@ -363,6 +366,8 @@ def test_a_bad_read_in_a_stream_raises_there_and_stops_the_read_ahead(
         results = storage.read_checked_many(reads(bad))
         assert next(results) == crc_slices(payload[: 100 << 10])
         assert next(results) == crc_slices(payload[100 << 10 : 200 << 10])
+        assert len(calls) == 2, "the good reads did not take the direct path"
+        calls.clear()
         with pytest.raises(error):
             next(results)
         assert not _read_ahead_threads()
@@ -400,6 +405,39 @@ def test_direct_reads_refused_at_read_time_fall_back_for_the_rest_of_a_stream(
     for r in reads:
         assert np.array_equal(r.buf, payload[r.offset : r.offset + r.buf.size])
     assert not storage.direct_reads
+    storage.close()
+
+
+def test_every_direct_read_refused_at_read_time_never_stalls_a_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the read-ahead thread meets the refusals before the stream does (it is busy with a cold
+    # page-cache piece): each refused read must give its bounce buffer back, or the thread
+    # waits for a buffer and the stream for the thread's next message, for ever
+    from stalwart.checkpoint import storage_posix
+
+    _small_direct_blocks(monkeypatch)
+
+    def refusing(fd: int, view: np.ndarray, offset: int) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(storage_posix, "_pread_direct", refusing)
+    payload = np.random.default_rng(14).integers(0, 256, 4 << 20, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    _evict(tmp_path / "f.bin")
+    storage = PosixStorage(str(tmp_path))
+    cold = CheckedRead("f.bin", 2 << 20, np.empty(2 << 20, np.uint8), direct=False)
+    reads = [cold, *(CheckedRead("f.bin", i * 200_000, np.empty(200_000, np.uint8)) for i in range(8))]
+    got: list[list[int]] = []
+    # a daemon thread: a stalled stream fails the test instead of hanging the session
+    stream = threading.Thread(target=lambda: got.extend(storage.read_checked_many(reads)), daemon=True)
+    stream.start()
+    stream.join(timeout=60)
+    assert not stream.is_alive(), "the stream stalled"
+    assert got == [crc_slices(r.buf) for r in reads]
+    for r in reads:
+        assert np.array_equal(r.buf, payload[r.offset : r.offset + r.buf.size])
+    assert not storage.direct_reads and not _read_ahead_threads()
     storage.close()
 
 

@@ -362,7 +362,7 @@ def _read_plain_chunks(
     many = getattr(source.storage, "read_checked_many", None)
     if many is None:
         for file, chunk, into in chunks:
-            _read_chunk(source, file, chunk, into)
+            _read_chunk(source, file, chunk, into, id(chunk) not in shared)
         return
     reads = [
         CheckedRead(source.prefix + file, chunk.start, into, 0, id(chunk) not in shared)
@@ -512,8 +512,8 @@ def _read_range(
     return sums.crcs
 
 
-def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray) -> None:
-    crcs = _read_range(source, file, chunk.start, buf)
+def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray, direct: bool = True) -> None:
+    crcs = _read_range(source, file, chunk.start, buf, 0, direct)
     if crcs != chunk.crcs:
         raise CheckpointCorrupt(
             f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"

@@ -219,17 +219,18 @@ class PosixStorage:
         (4 streams of 16 MiB pieces, each a 16 MiB and an 8 KiB request) here: 300-310 ms one
         request at a time, 280-298 ms with three bounce buffers; with two the helper stalls
         behind the small requests (343 ms), four gain nothing. The raw read: 260 ms."""
-        ahead: _ReadAhead | None = None
+        requests: _DirectRequests | None = None
         with contextlib.ExitStack() as stack:
             if any(self._may_read_direct(r) for r in reads):
-                bounces = [stack.enter_context(self._bounce.take()) for _ in range(3)]
-                ahead = _ReadAhead(self, reads, bounces)
-                stack.callback(ahead.stop)
+                ahead = len(reads) > 1  # one read (a device target's block) reads in this thread
+                bounces = [stack.enter_context(self._bounce.take()) for _ in range(3 if ahead else 1)]
+                requests = _DirectRequests(self, reads, bounces, ahead=ahead)
+                stack.callback(requests.stop)
             for read in reads:
-                taken = ahead.next() if ahead is not None else _PAGE_CACHE
+                taken = requests.next() if requests is not None else _PAGE_CACHE
                 if taken is not _PAGE_CACHE:
-                    assert ahead is not None
-                    crcs = self._take_direct(ahead, read, taken)
+                    assert requests is not None
+                    crcs = self._take_direct(requests, read, taken)
                     if crcs is not None:
                         yield crcs
                         continue
@@ -243,18 +244,25 @@ class PosixStorage:
         if not self._may_read_direct(read):
             return None
         dfd = self._open_direct_read(self._abs(read.path))
-        if dfd is not None and _CACHESTAT.mostly_cached(dfd, read.offset, read.buf.size):
+        if dfd is None:
+            return None
+        try:
+            cached = _CACHESTAT.mostly_cached(dfd, read.offset, read.buf.size)
+        except BaseException:
+            os.close(dfd)
+            raise
+        if cached:
             os.close(dfd)  # already in memory (read or copied in by another process): read it there
-            dfd = None
+            return None
         return dfd
 
-    def _take_direct(self, ahead: _ReadAhead, read: CheckedRead, taken: object) -> list[int] | None:
-        """Checksum and copy the blocks ``ahead`` read for ``read`` (``taken`` is the first);
+    def _take_direct(self, requests: _DirectRequests, read: CheckedRead, taken: object) -> list[int] | None:
+        """Checksum and copy the blocks ``requests`` read for ``read`` (``taken`` is the first);
         None where the file system refused the direct reads: the caller reads the page cache."""
         target, buf = self._abs(read.path), read.buf
         sums, end = SliceCrcs(buf.size, read.seed), read.offset + buf.size
         for at, lo, hi in _direct_requests(read.offset, buf.size):
-            if isinstance(taken, BaseException):  # the read's last message: ahead went on
+            if isinstance(taken, BaseException):  # the read's last message
                 if isinstance(taken, OSError) and taken.errno == errno.EINVAL and read.offset >= 0:
                     self.direct_reads = False  # aligned requests refused at read time
                     return None
@@ -276,9 +284,9 @@ class PosixStorage:
                         f"{target} is truncated: a read at byte {lo + taken.got} found the end of the file"
                     )
             finally:
-                ahead.give_back(taken.bounce)
+                requests.give_back(taken.bounce)
             if sums.done < buf.size:
-                taken = ahead.next()
+                taken = requests.next()
         return sums.crcs
 
     def _read_cached_checked(self, read: CheckedRead) -> list[int]:
@@ -482,61 +490,84 @@ class _Block(NamedTuple):
     got: int  # bytes read from ``lo``: fewer than asked only at the end of the file
 
 
-_PAGE_CACHE = object()  # _ReadAhead's message for a read it leaves to the page cache
+_PAGE_CACHE = object()  # _DirectRequests' message for a read it leaves to the page cache
 
 
-class _ReadAhead:
-    """The direct requests of a list of reads, issued in order on a thread of their own, each
-    into a free bounce buffer. Per read, ``next()`` gives ``_PAGE_CACHE`` (not read directly),
-    or its ``_Block``s in order, the last one cut short by the end of the file or replaced by
-    the ``OSError`` that ended the read; the consumer gives each bounce buffer back."""
+class _DirectRequests:
+    """The direct requests of a list of reads, in order, each into a free bounce buffer. Per
+    read, ``next()`` gives ``_PAGE_CACHE`` (not read directly), or its ``_Block``s in order, the
+    last one cut short by the end of the file or replaced by the ``OSError`` that ended the read;
+    the consumer gives each bounce buffer back. ``ahead``: a thread of its own issues them, as
+    far ahead as there are free buffers; else each is issued when the consumer asks for it."""
 
     def __init__(
-        self, storage: PosixStorage, reads: Sequence[CheckedRead], bounces: list[np.ndarray]
+        self, storage: PosixStorage, reads: Sequence[CheckedRead], bounces: list[np.ndarray], *, ahead: bool
     ) -> None:
         self._storage = storage
         self._reads = reads
-        self._out: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._free: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
         for bounce in bounces:
             self._free.put(bounce)
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="stalwart-read-ahead", daemon=True)
-        self._thread.start()
+        self._messages = self._issue()
+        self._out: queue.SimpleQueue[object] | None = None
+        self._thread: threading.Thread | None = None
+        if ahead:
+            self._out = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="stalwart-read-ahead", daemon=True)
+            self._thread.start()
 
     def next(self) -> object:
-        return self._out.get()
+        return self._out.get() if self._out is not None else next(self._messages)
 
     def give_back(self, bounce: np.ndarray) -> None:
         self._free.put(bounce)
 
     def stop(self) -> None:
-        """End the thread (at once, or after the request it is in) before the buffers go."""
+        """End the requests (at once, or after the one under way) before the buffers go."""
         self._stopped = True
         self._free.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._messages.close()
 
     def _run(self) -> None:
+        assert self._out is not None
+        for message in self._messages:
+            self._out.put(message)
+
+    def _issue(self) -> Iterator[object]:
         for read in self._reads:
+            if self._stopped:
+                return
             dfd: int | None = None
             try:
                 dfd = self._storage._direct_fd(read)
                 if dfd is None:
-                    self._out.put(_PAGE_CACHE)
+                    yield _PAGE_CACHE
                     continue
                 end = read.offset + read.buf.size
                 for _, lo, hi in _direct_requests(read.offset, read.buf.size):
                     bounce = self._free.get()
                     if bounce is None or self._stopped:
                         return
-                    got = _pread_direct(dfd, bounce[: hi - lo], lo)
-                    self._out.put(_Block(bounce, lo, got))
+                    try:
+                        got = _pread_direct(dfd, bounce[: hi - lo], lo)
+                    except BaseException:
+                        self._free.put(bounce)  # the read ends here: its buffer is free again
+                        raise
+                    yield _Block(bounce, lo, got)
                     if lo + got < min(hi, end):  # the end of the file: the consumer says so
                         break
+            except GeneratorExit:  # stop() in this thread
+                raise
             except OSError as exc:
-                self._out.put(exc)
+                if exc.errno == errno.EINVAL and read.offset >= 0:
+                    self._storage.direct_reads = False  # refused at read time: no more tries
+                yield exc
             except BaseException as exc:  # never leave the consumer waiting
-                self._out.put(exc)
+                yield exc
                 return
             finally:
                 _close_quietly(dfd)
