@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -369,21 +369,28 @@ def _read_plain_chunks(
         for file, chunk, into in chunks
     ]
     done = 0
+    with _read_errors(source, lambda: chunks[done][0]), contextlib.closing(many(reads)) as results:
+        for crcs in results:
+            file, chunk, _ = chunks[done]
+            if crcs != chunk.crcs:
+                raise CheckpointCorrupt(
+                    f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
+                )
+            done += 1
+
+
+@contextlib.contextmanager
+def _read_errors(source: Source, file: Callable[[], str]) -> Iterator[None]:
+    """A failed read as ``CheckpointCorrupt`` naming the file being read (``file()``): the
+    caller falls back to an older checkpoint."""
     try:
-        with contextlib.closing(many(reads)) as results:
-            for crcs in results:
-                file, chunk, _ = chunks[done]
-                if crcs != chunk.crcs:
-                    raise CheckpointCorrupt(
-                        f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
-                    )
-                done += 1
+        yield
     except FileNotFoundError:
-        raise CheckpointCorrupt(f"{source.where(chunks[done][0])} is missing") from None
+        raise CheckpointCorrupt(f"{source.where(file())} is missing") from None
     except CheckpointCorrupt:
         raise
     except OSError as exc:
-        raise CheckpointCorrupt(f"cannot read {source.where(chunks[done][0])}: {exc}") from None
+        raise CheckpointCorrupt(f"cannot read {source.where(file())}: {exc}") from None
 
 
 class _Stager:
@@ -496,16 +503,10 @@ def _read_range(
     """Fill ``buf`` from ``offset`` of ``file``: the checksum of each ``CHUNK_BYTES`` slice of it,
     the first one extending ``seed``. ``direct=False`` keeps a POSIX read in the page cache."""
     read_checked = getattr(source.storage, "read_checked", None)  # POSIX: checksum as it reads
-    try:
+    with _read_errors(source, lambda: file):
         if read_checked is not None:
             return list(read_checked(source.prefix + file, offset, buf, seed, direct=direct))
         source.storage.read_into(source.prefix + file, [(offset, memoryview(buf))])
-    except FileNotFoundError:
-        raise CheckpointCorrupt(f"{source.where(file)} is missing") from None
-    except CheckpointCorrupt:
-        raise
-    except OSError as exc:
-        raise CheckpointCorrupt(f"cannot read {source.where(file)}: {exc}") from None
     sums = SliceCrcs(buf.size, seed)
     while sums.done < buf.size:
         sums.extend(buf[sums.done : sums.done + sums.next_block(CHUNK_BYTES)])
