@@ -207,3 +207,29 @@ def test_a_busy_notice_before_the_first_step_is_not_the_first_step(
     assert p.returncode == 0, out
     first = [e for e in stalwart.events() if e["event"] == "first_step"]
     assert [(e["generation"], e["step"]) for e in first] == [(0, 1)], first
+
+
+FIRST_LINE_FAULT = """
+import os, sys, time
+if os.environ["STALWART_GENERATION"] == "0":
+    print("FATAL: quota exceeded on /scratch", flush=True)  # the very first thing it does
+    time.sleep(300)
+sys.exit(0)
+"""
+
+
+def test_a_log_rule_matches_a_workers_first_line_and_the_job_restarts(
+    stalwart: StalwartRunner, tmp_path: Path
+) -> None:
+    # the monitors start before the workers: a line printed at once is not missed
+    script = tmp_path / "first_line.py"
+    script.write_text(FIRST_LINE_FAULT)
+    p = stalwart.start(
+        "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", "--node-name", "l",
+        "--log-fault-pattern", r"FATAL: quota exceeded", str(script),
+    )  # fmt: skip
+    out = _finish(p)
+    assert p.returncode == 0, out
+    faults = [e["fault"] for e in stalwart.events() if e["event"] == "fault" and e["verdict"] == "restart"]
+    assert faults and all("fault-pattern-1" in f["message"] for f in faults), faults
+    assert [e["generation"] for e in stalwart.events() if e["event"] == "workers_started"] == [0, 1]

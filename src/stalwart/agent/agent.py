@@ -421,6 +421,10 @@ class StalwartAgent(SimpleElasticAgent):
             generation=gen,
             registry=self.registry,
         )
+        # monitors start before the first worker does: a line printed at once (an import error,
+        # a CUDA error at start-up) reaches rules that are already running
+        for monitor in self.cfg.monitors:
+            monitor.start(ctx)
         ids: dict[int, Any] = {}
         for w in worker_group.workers:
             proc = self._launcher.launch(
@@ -445,8 +449,6 @@ class StalwartAgent(SimpleElasticAgent):
             )
             ids[w.local_rank] = proc.pid
         ctx.worker_pids = dict(ids)
-        for monitor in self.cfg.monitors:
-            monitor.start(ctx)
         self.metrics.workers.labels(state="running").set(len(ids))
         self._set_state(AgentState.RUNNING)
         self.timeline.emit("workers_started", gen, pids=ids)

@@ -123,7 +123,8 @@ class Fault:
 class MonitorContext:
     """What the agent tells its monitors when workers (re)start.
 
-    ``worker_pids`` maps local rank to pid for the current generation; ``registry`` is the
+    ``worker_pids`` maps local rank to pid for the current generation (set once the workers are
+    launched: monitors start just before, so that they see every line); ``registry`` is the
     agent's Prometheus registry (monitors register their metrics there); ``clock`` returns
     wall-clock seconds and is injectable for tests. ``stack_dir`` is where workers write stack
     dumps (their ``STALWART_STACK_DIR``); empty means ``<log_dir>/stacks``.
