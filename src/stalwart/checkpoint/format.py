@@ -293,6 +293,7 @@ class SliceCrcs:
 
     def advance(self, crc: int, nbytes: int) -> None:
         """Take the next block's checksum, ``crc`` (of ``self.crc`` extended over it)."""
+        assert 0 < nbytes <= CHUNK_BYTES - self.done % CHUNK_BYTES, "a block straddles a slice"
         self.crc = crc
         self.done += nbytes
         if self.done % CHUNK_BYTES == 0 or self.done == self.size:

@@ -509,7 +509,7 @@ def _read_range(
         source.storage.read_into(source.prefix + file, [(offset, memoryview(buf))])
     sums = SliceCrcs(buf.size, seed)
     while sums.done < buf.size:
-        sums.extend(buf[sums.done : sums.done + sums.next_block(CHUNK_BYTES)])
+        sums.extend(buf[sums.done : sums.done + sums.next_block(buf.size)])  # a slice at a time
     return sums.crcs
 
 
