@@ -16,11 +16,10 @@ process is read from memory there): the disk writes each
 aligned block into a reused 16 MiB bounce buffer, backed by huge pages where the kernel allows,
 and the checksum and the copy into the caller's buffer follow while the block is in cache. A
 helper thread per read stream keeps the next requests in flight meanwhile (three bounce buffers
-per stream). A
-tensor sits anywhere in its page, so reads cannot land in it directly, and the page cache costs
-the same copy; what the bounce buffer saves is the page cache's readahead into scattered pages,
-which drifts from run to run on virtual machines (1 GiB here: 300-1000 ms through the page
-cache, 300-350 ms direct, against 260-275 ms for the raw direct read alone)."""
+per stream). A tensor sits anywhere in its page, so reads cannot land in it directly, and the
+page cache costs the same copy; what the bounce buffers save is the page cache's readahead into
+scattered pages, which drifts from run to run on virtual machines (1 GiB here: 300-1000 ms through the page
+cache, 280-345 ms direct, against 250-280 ms for the raw direct read alone)."""
 
 from __future__ import annotations
 
