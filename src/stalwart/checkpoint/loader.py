@@ -372,10 +372,7 @@ def _read_plain_chunks(
     with _read_errors(source, lambda: chunks[done][0]), contextlib.closing(many(reads)) as results:
         for crcs in results:
             file, chunk, _ = chunks[done]
-            if crcs != chunk.crcs:
-                raise CheckpointCorrupt(
-                    f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
-                )
+            _check_crcs(source, file, chunk, crcs)
             done += 1
 
 
@@ -446,10 +443,7 @@ def _read_staged(
         (crc,) = _read_range(source, file, chunk.start + done, stager.take(n), sums.crc, direct)
         stager.send(into.target[done : done + n])
         sums.advance(crc, n)
-    if sums.crcs != chunk.crcs:
-        raise CheckpointCorrupt(
-            f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
-        )
+    _check_crcs(source, file, chunk, sums.crcs)
 
 
 def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box]]) -> None:
@@ -473,15 +467,10 @@ def _copy_mapped(source: Source, jobs: list[tuple[TensorEntry, torch.Tensor, Box
             if fused and chunk.nbytes:
                 # checksum and copy in one pass; a mismatch raises as the durable path does after
                 # reading into the target, and the caller falls back to an older checkpoint
-                if crc_slices_copy(as_bytes(raw), as_bytes(local)) != chunk.crcs:
-                    raise CheckpointCorrupt(
-                        f"{source.where(chunk.file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
-                    )
+                _check_crcs(source, chunk.file, chunk, crc_slices_copy(as_bytes(raw), as_bytes(local)))
                 continue
-            if source.verify and chunk.nbytes and crc_slices(as_bytes(raw)) != chunk.crcs:
-                raise CheckpointCorrupt(
-                    f"{source.where(chunk.file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
-                )
+            if source.verify and chunk.nbytes:
+                _check_crcs(source, chunk.file, chunk, crc_slices(as_bytes(raw)))
             src = raw.view(dtype).view(chunk.shape) if chunk.nbytes else torch.empty(chunk.shape, dtype=dtype)
             on_device |= local.device.type != "cpu"
             with torch.no_grad():
@@ -514,7 +503,11 @@ def _read_range(
 
 
 def _read_chunk(source: Source, file: str, chunk: ChunkEntry, buf: np.ndarray, direct: bool = True) -> None:
-    crcs = _read_range(source, file, chunk.start, buf, 0, direct)
+    _check_crcs(source, file, chunk, _read_range(source, file, chunk.start, buf, 0, direct))
+
+
+def _check_crcs(source: Source, file: str, chunk: ChunkEntry, crcs: list[int]) -> None:
+    """Raise ``CheckpointCorrupt`` naming the file and the bytes if ``crcs`` are not the piece's."""
     if crcs != chunk.crcs:
         raise CheckpointCorrupt(
             f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
@@ -552,10 +545,8 @@ def verify_source(source: Source) -> list[str]:
                 buf = np.empty(chunk.nbytes, dtype=np.uint8)
                 if buf.size:
                     source.storage.read_into(source.prefix + file, [(chunk.start, memoryview(buf))])
-                if buf.size and crc_slices(buf) != chunk.crcs:
-                    raise CheckpointCorrupt(
-                        f"{source.where(file)} fails its checksum (bytes {chunk.start}+{chunk.nbytes})"
-                    )
+                if buf.size:
+                    _check_crcs(source, file, chunk, crc_slices(buf))
         except FileNotFoundError:
             problems.append(f"{source.where(file)} is missing")
         except (CheckpointCorrupt, OSError) as exc:
