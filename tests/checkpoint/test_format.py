@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +122,29 @@ def test_slice_crcs_fed_in_any_blocks_match_crc_slices(monkeypatch: pytest.Monke
             expected = [seed]
         assert sums.crcs == expected, size
         assert np.array_equal(copy, data)
+
+
+def test_the_crc32c_in_use_agrees_with_icrars_on_random_buffers() -> None:
+    from crc32c import crc32c as reference
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    for _ in range(50):
+        start = int(rng.integers(0, data.size))
+        end = int(rng.integers(start, data.size + 1))
+        seed = int(rng.integers(0, 1 << 32))
+        assert fmt.crc_extend(seed, data[start:end]) == reference(data[start:end], seed)
+
+
+def test_a_crc32c_rs_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crc32c import crc32c as reference
+
+    wrong = types.ModuleType("crc32c_rs")
+    wrong.crc32c = lambda data, crc=0: reference(data, crc) ^ (1 if len(data) > 4000 else 0)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "crc32c_rs", wrong)
+    with pytest.warns(UserWarning, match="disagrees"):
+        chosen, name = fmt._pick_crc32c()
+    assert (chosen, name) == (reference, "crc32c")
+
+    monkeypatch.setitem(sys.modules, "crc32c_rs", None)  # not installed
+    assert fmt._pick_crc32c() == (reference, "crc32c")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +22,14 @@ import torch
 
 # ICRAR's crc32c releases the GIL on any large buffer (google_crc32c only on ``bytes``), so
 # checksums run in parallel with each other and with the training loop's Python
-from crc32c import crc32c as _crc32c
+from crc32c import crc32c as _reference_crc32c
 
 from stalwart.checkpoint.api import FileEntry
 from stalwart.errors import CheckpointCorrupt, CheckpointError
 
 __all__ = [
     "CHUNK_BYTES",
+    "CRC32C_LIBRARY",
     "Layout",
     "Leaf",
     "Piece",
@@ -47,6 +49,33 @@ __all__ = [
 
 CHUNK_BYTES = 64 << 20
 _ALIGN = 64
+
+
+def _pick_crc32c() -> tuple[Callable[..., int], str]:
+    """The crc32c function to use and its name: crc32c-rs where it is installed and agrees with
+    ICRAR's on a probe, else ICRAR's. crc32c-rs folds with carry-less multiplies (AVX-512 or
+    PCLMULQDQ, by CPU): 33 ms per GiB here against ICRAR's 68, and both release the GIL."""
+    try:
+        from crc32c_rs import crc32c as fast
+    except ImportError:
+        return _reference_crc32c, "crc32c"
+    probe = np.frombuffer(bytes(range(256)) * 40, dtype=np.uint8)
+    try:
+        agrees = all(
+            int(fast(probe[start:end], seed)) == int(_reference_crc32c(probe[start:end], seed))
+            for start in (0, 1, 13, 64)
+            for end in (start, start + 1, start + 63, start + 4096, probe.size)
+            for seed in (0, 0xFFFFFFFF, 0x1234567)
+        )
+    except Exception:  # any failure of the optional library means: do not use it
+        agrees = False
+    if not agrees:
+        warnings.warn("crc32c-rs disagrees with crc32c on a probe; using crc32c", stacklevel=2)
+        return _reference_crc32c, "crc32c"
+    return fast, "crc32c-rs"
+
+
+_crc32c, CRC32C_LIBRARY = _pick_crc32c()
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
