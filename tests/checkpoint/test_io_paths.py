@@ -300,6 +300,7 @@ def _small_direct_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     from stalwart.checkpoint import storage_posix
 
     monkeypatch.setattr(storage_posix, "_DIRECT_READ_BLOCK", 64 << 10)
+    monkeypatch.setattr(storage_posix, "_READ_AHEAD_BLOCK", 24 << 10)
     monkeypatch.setattr(storage_posix, "_DIRECT_READ_MIN", 8 << 10)
     monkeypatch.setattr(storage_posix, "_CHECKED_BLOCK", 5000)
     monkeypatch.setattr(fmt, "CHUNK_BYTES", 50_000)

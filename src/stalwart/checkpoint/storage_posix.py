@@ -54,10 +54,18 @@ _WRITE_BLOCK_FIRST = 8 << 20
 _CHECKED_BLOCK = 1 << 20  # read, then checksum while it is in L2
 _DIRECT_ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-# Direct reads: 16 MiB per request (1 GiB cold with 4 streams here: 4 MiB 328 ms, 8 MiB 323-340,
-# 16 MiB 310-323). Pieces under 1 MiB stay in the page cache: a second descriptor and a bounce
-# buffer are not worth a few KiB.
+# Direct reads, one at a time (a device target's block): 16 MiB per request (1 GiB cold with 4
+# streams here: 4 MiB 328 ms, 8 MiB 323-340, 16 MiB 310-323). Read ahead (a stream of pieces):
+# 2 MiB requests into 8 bounce buffers. A fresh buffer's first read faults in and zeroes its
+# pages, and on a VM that hands freed memory back to its host that cost 40-240 ms of system time
+# per load with 12 buffers of 16 MiB; smaller blocks also start each checksum sooner. 1 GiB,
+# 4 streams, medians of 9 in three paired runs: 16 MiB x 3 340-366 ms (samples up to 584),
+# 2 MiB x 8 325-335 (up to 342), 4 MiB x 8 346, 1 MiB x 16 354; the raw read 292-299.
+# Pieces under 1 MiB stay in the page cache: a second descriptor and a bounce buffer are not
+# worth a few KiB.
 _DIRECT_READ_BLOCK = 16 << 20
+_READ_AHEAD_BLOCK = 2 << 20
+_READ_AHEAD_BUFFERS = 8
 _DIRECT_READ_MIN = 1 << 20
 _HUGE_PAGE = 2 << 20
 
@@ -213,17 +221,19 @@ class PosixStorage:
 
     def read_checked_many(self, reads: Sequence[CheckedRead]) -> Iterator[list[int]]:
         """``read_checked`` of each read in turn, yielding each one's checksums. The direct reads'
-        requests are issued by a helper thread, up to two ahead, across reads: while this thread
-        checksums and copies a block, the disk fills the next ones. The loader's 1 GiB cold load
-        (4 streams of 16 MiB pieces, each a 16 MiB and an 8 KiB request) here: 300-310 ms one
-        request at a time, 280-298 ms with three bounce buffers; with two the helper stalls
-        behind the small requests (343 ms), four gain nothing. The raw read: 260 ms."""
+        requests are issued by a helper thread, as far ahead as it has free bounce buffers,
+        across reads: while this thread checksums and copies a block, the disk fills the next
+        ones. The loader's 1 GiB cold load here, 4 streams of 16 MiB pieces with 16 MiB
+        requests: 300-310 ms one request at a time, 280-298 ms with three bounce buffers (two
+        stall behind each piece's small last request). See ``_READ_AHEAD_BLOCK`` for the 2 MiB
+        requests that replaced them."""
         requests: _DirectRequests | None = None
         with contextlib.ExitStack() as stack:
             if any(self._may_read_direct(r) for r in reads):
                 ahead = len(reads) > 1  # one read (a device target's block) reads in this thread
-                bounces = [stack.enter_context(self._bounce.take()) for _ in range(3 if ahead else 1)]
-                requests = _DirectRequests(self, reads, bounces, ahead=ahead)
+                block, count = (_READ_AHEAD_BLOCK, _READ_AHEAD_BUFFERS) if ahead else (_DIRECT_READ_BLOCK, 1)
+                bounces = [stack.enter_context(self._bounce.take(block)) for _ in range(count)]
+                requests = _DirectRequests(self, reads, bounces, block, ahead=ahead)
                 stack.callback(requests.stop)
             for read in reads:
                 taken = requests.next() if requests is not None else _PAGE_CACHE
@@ -260,7 +270,7 @@ class PosixStorage:
         None where the file system refused the direct reads: the caller reads the page cache."""
         target, buf = self._abs(read.path), read.buf
         sums, end = SliceCrcs(buf.size, read.seed), read.offset + buf.size
-        for at, lo, hi in _direct_requests(read.offset, buf.size):
+        for at, lo, hi in _direct_requests(read.offset, buf.size, requests.block):
             if isinstance(taken, BaseException):  # the read's last message
                 if isinstance(taken, OSError) and taken.errno == errno.EINVAL and read.offset >= 0:
                     self.direct_reads = False  # aligned requests refused at read time
@@ -423,12 +433,12 @@ _CACHESTAT = _Cachestat()
 
 
 class _BouncePool:
-    """Aligned buffers for direct reads, three per read stream at a time. While a ``held()``
-    block runs (a whole load), returned buffers are kept for the next read: a fresh mapping's
-    first direct read pays its page faults (40 ms per GiB read in 16 MiB pieces here)."""
+    """Aligned buffers for direct reads (``_READ_AHEAD_BUFFERS`` per read stream at a time).
+    While a ``held()`` block runs (a whole load), returned buffers are kept for the next read: a
+    fresh mapping's first direct read pays its page faults."""
 
     def __init__(self) -> None:
-        self._free: list[np.ndarray] = []
+        self._free: dict[int, list[np.ndarray]] = {}  # by size
         self._holds = 0
         self._lock = threading.Lock()
 
@@ -445,17 +455,18 @@ class _BouncePool:
                     self._free.clear()  # unmapped with their last reference
 
     @contextlib.contextmanager
-    def take(self) -> Iterator[np.ndarray]:
+    def take(self, nbytes: int) -> Iterator[np.ndarray]:
         with self._lock:
-            buf = self._free.pop() if self._free else None
+            free = self._free.setdefault(nbytes, [])
+            buf = free.pop() if free else None
         if buf is None:
-            buf = huge_page_buffer(_DIRECT_READ_BLOCK)
+            buf = huge_page_buffer(nbytes)
         try:
             yield buf
         finally:
             with self._lock:
                 if self._holds:
-                    self._free.append(buf)
+                    self._free.setdefault(nbytes, []).append(buf)
 
 
 def huge_page_buffer(nbytes: int) -> np.ndarray:
@@ -469,7 +480,7 @@ def huge_page_buffer(nbytes: int) -> np.ndarray:
     return whole[start : start + nbytes]
 
 
-def _direct_requests(offset: int, size: int) -> Iterator[tuple[int, int, int]]:
+def _direct_requests(offset: int, size: int, block: int) -> Iterator[tuple[int, int, int]]:
     """``(at, lo, hi)`` per direct request of ``size`` bytes from ``offset``: the bytes from
     ``at`` come from the aligned request ``[lo, hi)``. Requests end on multiples of the block in
     the file: a piece that starts a few KiB past one reads that stretch first, then whole aligned
@@ -478,7 +489,7 @@ def _direct_requests(offset: int, size: int) -> Iterator[tuple[int, int, int]]:
     end_aligned = -(-end // _DIRECT_ALIGN) * _DIRECT_ALIGN
     while at < end:
         lo = at - at % _DIRECT_ALIGN
-        hi = min((lo // _DIRECT_READ_BLOCK + 1) * _DIRECT_READ_BLOCK, end_aligned)
+        hi = min((lo // block + 1) * block, end_aligned)
         yield at, lo, hi
         at = min(hi, end)
 
@@ -500,9 +511,16 @@ class _DirectRequests:
     far ahead as there are free buffers; else each is issued when the consumer asks for it."""
 
     def __init__(
-        self, storage: PosixStorage, reads: Sequence[CheckedRead], bounces: list[np.ndarray], *, ahead: bool
+        self,
+        storage: PosixStorage,
+        reads: Sequence[CheckedRead],
+        bounces: list[np.ndarray],
+        block: int,
+        *,
+        ahead: bool,
     ) -> None:
         self._storage = storage
+        self.block = block  # the requests end on its multiples in the file
         self._reads = reads
         self._free: queue.SimpleQueue[np.ndarray | None] = queue.SimpleQueue()
         for bounce in bounces:
@@ -547,7 +565,7 @@ class _DirectRequests:
                     yield _PAGE_CACHE
                     continue
                 end = read.offset + read.buf.size
-                for _, lo, hi in _direct_requests(read.offset, read.buf.size):
+                for _, lo, hi in _direct_requests(read.offset, read.buf.size, self.block):
                     bounce = self._free.get()
                     if bounce is None or self._stopped:
                         return
