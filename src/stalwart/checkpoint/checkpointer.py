@@ -536,6 +536,12 @@ class Checkpointer:
                 self.config.commit_timeout_s,
                 also=f"{directory}/{_gave_up(earlier)}",
             )
+        if not progress.fused:
+            # an async save writes after its snapshot: a write streaming out alongside the copy
+            # slows the copy the training loop waits for (1 GiB here, medians of 9: blocking
+            # 67 ms with the write alongside, 58 ms without, memcpy 50; durable 252 ms, 301 ms).
+            # A blocking save's caller waits for both, and there the overlap wins.
+            progress.wait(layout.data_bytes)
         if job.rewrite or not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
             # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
             shard = job.durable_shard() if durable else None
@@ -543,8 +549,6 @@ class Checkpointer:
             written = self._io.submit(
                 self._write_shard, f"{directory}/{name}", shard, lambda end: progress.wait(end - skip)
             )
-        if not progress.fused:
-            progress.wait(layout.data_bytes)  # checksums after the copy: it stays fast
         crcs: dict[int, list[int]] = {}
         for p in layout.pieces:
             progress.wait(p.start + p.nbytes)
