@@ -136,15 +136,25 @@ def test_the_crc32c_in_use_agrees_with_icrars_on_random_buffers() -> None:
         assert fmt.crc_extend(seed, data[start:end]) == reference(data[start:end], seed)
 
 
-def test_a_crc32c_rs_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crc32c_rs_that_disagrees_or_fails_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from crc32c import crc32c as reference
 
-    wrong = types.ModuleType("crc32c_rs")
-    wrong.crc32c = lambda data, crc=0: reference(data, crc) ^ (1 if len(data) > 4000 else 0)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "crc32c_rs", wrong)
-    with pytest.warns(UserWarning, match="disagrees"):
-        chosen, name = fmt._pick_crc32c()
-    assert (chosen, name) == (reference, "crc32c")
+    def wrong_past_1_mib(data: np.ndarray, crc: int = 0) -> int:
+        return int(reference(data, crc)) ^ (1 if len(data) > 1 << 20 else 0)
+
+    def failing(data: np.ndarray, crc: int = 0) -> int:
+        raise RuntimeError("unsupported CPU")
+
+    for impl in (wrong_past_1_mib, failing):
+        fake = types.ModuleType("crc32c_rs")
+        fake.crc32c = impl  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "crc32c_rs", fake)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stalwart.checkpoint.format"):
+            assert fmt._pick_crc32c() == (reference, "crc32c")
+        assert "crc32c-rs failed or disagreed" in caplog.text
 
     monkeypatch.setitem(sys.modules, "crc32c_rs", None)  # not installed
     assert fmt._pick_crc32c() == (reference, "crc32c")

@@ -301,6 +301,8 @@ def _small_direct_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(storage_posix, "_DIRECT_READ_BLOCK", 64 << 10)
     monkeypatch.setattr(storage_posix, "_READ_AHEAD_BLOCK", 24 << 10)
+    # fewer buffers than the refusal test's reads: a helper that loses one per refusal stalls
+    monkeypatch.setattr(storage_posix, "_READ_AHEAD_BUFFERS", 3)
     monkeypatch.setattr(storage_posix, "_DIRECT_READ_MIN", 8 << 10)
     monkeypatch.setattr(storage_posix, "_CHECKED_BLOCK", 5000)
     monkeypatch.setattr(fmt, "CHUNK_BYTES", 50_000)
@@ -320,7 +322,7 @@ def _read_ahead_threads() -> list[threading.Thread]:
 
 
 def test_many_reads_in_one_stream_match_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the read-ahead thread runs up to two requests ahead across pieces: every piece must still
+    # the read-ahead thread runs requests ahead across pieces: every piece must still
     # get its own bytes and checksums, whatever mix of direct, cached, tiny and seeded reads
     _small_direct_blocks(monkeypatch)
     calls = _spy_direct_reads(monkeypatch)

@@ -100,7 +100,7 @@ def _ints(d: Any, key: str, where: str) -> list[int]:
 
 def _record_crc(body: dict[str, Any]) -> int:
     """crc32c of a record's canonical JSON (sorted keys, no spaces): what its ``checksum`` holds."""
-    from crc32c import crc32c  # the shard checksums' function
+    from crc32c import crc32c  # ICRAR's: records are small, and every crc32c gives the same value
 
     return int(crc32c(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()))
 

@@ -4,9 +4,10 @@ A save runs in two phases (CheckFreq's snapshot/persist):
 
 1. **snapshot**, in the training loop: one copy of every tensor into a reused staging buffer that
    is a /dev/shm mapping (the memory tier), pinned when CUDA is present.
-2. **persist**, in background threads: the shard file, whose write starts at once and follows
-   the copy block by block (the save costs about max(copy, write), not the sum); checksums
-   (computed by the copy itself for ``blocking=True``, after it otherwise); the memory-tier
+2. **persist**, in background threads: the shard file, whose write follows the copy block by
+   block for ``blocking=True`` (the save costs about max(copy, write), not the sum) and starts
+   after it otherwise; checksums (computed by the copy itself for ``blocking=True``, after it
+   otherwise); the memory-tier
    commit, the part record on the durable storage, and on rank 0 the manifest commit and
    retention.
 
@@ -376,11 +377,11 @@ class Checkpointer:
             failed: Future[CheckpointRef | None] = Future()
             failed.set_result(self._persist_failed(step, attempt, exc))
             return failed
-        # Every save's shard write follows the copy (each block waits for its bytes): a save is
-        # durable after about max(copy, write), not the sum (async, 1 GiB: 321 -> 266 ms here). A
-        # blocking save also checksums inside the copy, one pass over memory; an async save
-        # checksums after it, so the copy the training loop waits for competes with the disk
-        # writes alone (checksumming alongside doubled its blocking time here).
+        # A blocking save's shard write follows the copy (each block waits for its bytes), and
+        # the copy checksums as it goes, one pass over memory: durable after about max(copy,
+        # write), not the sum. An async save's copy runs alone, and the persist writes and
+        # checksums after it (see _persist_or_raise; checksumming alongside doubled its blocking
+        # time here).
         progress = Progress(fused=blocking)
         future: Future[CheckpointRef | None] = Future()
         rewrite = step in self._skipped
@@ -536,13 +537,13 @@ class Checkpointer:
                 self.config.commit_timeout_s,
                 also=f"{directory}/{_gave_up(earlier)}",
             )
-        if not progress.fused:
-            # an async save writes after its snapshot: a write streaming out alongside the copy
-            # slows the copy the training loop waits for (1 GiB here, medians of 9: blocking
-            # 67 ms with the write alongside, 58 ms without, memcpy 50; durable 252 ms, 301 ms).
-            # A blocking save's caller waits for both, and there the overlap wins.
-            progress.wait(layout.data_bytes)
         if job.rewrite or not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+            if not progress.fused:
+                # an async save writes after its snapshot: a write streaming out alongside the
+                # copy slows the copy the training loop waits for (1 GiB here, medians of 9:
+                # blocking 67 ms with the write alongside, 58 ms without, memcpy 50; durable
+                # 252 ms and 301 ms). A blocking save's caller waits for both: there it overlaps.
+                progress.wait(layout.data_bytes)
             # the shard streams out while its checksums are computed here (fsync leaves the CPU idle)
             shard = job.durable_shard() if durable else None
             skip = len(layout.durable_header)  # file offset -> data offset
