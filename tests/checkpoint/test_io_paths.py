@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import mmap
 import os
@@ -108,20 +109,23 @@ def test_blocking_save_round_trips_through_the_pipelined_path(tmp_path: Path, co
     assert all(torch.equal(fresh[k], v) for k, v in state.items())
 
 
-def _staged_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _staged_everywhere(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     """Send CPU targets down the device path (this machine has no GPU) with an odd staging size,
-    so reads straddle neither the buffers' nor the checksum slices' edges by luck; the bytes each
-    staged read carried are recorded."""
-    carried: list[int] = []
-    real = loader._read_staged
+    so reads straddle neither the buffers' nor the checksum slices' edges by luck; the bytes
+    sent through the staging buffers are recorded per target tensor (by its first byte's
+    address), and no copy may carry more than a staging buffer holds."""
+    carried: dict[int, int] = {}
+    real = loader._Stager.send
 
-    def counting(source: Any, file: str, chunk: Any, into: Any, *rest: Any) -> None:
-        carried.append(into.size)
-        real(source, file, chunk, into, *rest)
+    def counting(self: Any, target: torch.Tensor) -> None:
+        assert target.numel() <= loader._STAGE_BYTES
+        base = target.data_ptr() - target.storage_offset()
+        carried[base] = carried.get(base, 0) + target.numel()
+        real(self, target)
 
     monkeypatch.setattr(loader, "_direct", lambda local: False)
     monkeypatch.setattr(loader, "_STAGE_BYTES", (1 << 20) + 4099)
-    monkeypatch.setattr(loader, "_read_staged", counting)
+    monkeypatch.setattr(loader._Stager, "send", counting)
     return carried
 
 
@@ -150,7 +154,9 @@ def test_device_targets_stream_through_staging_buffers_and_are_verified(
         bucket = moto.make_bucket(f"staged-{uuid.uuid4().hex[:8]}")
         ck = Checkpointer(f"s3://{bucket}/ck", config, endpoint_url=moto.endpoint, **CREDENTIALS)
     target = _two_large_saves_load(ck)
-    assert sorted(carried) == sorted(v.numel() * v.element_size() for v in target.values() if v.numel())
+    assert sorted(carried.values()) == sorted(
+        v.numel() * v.element_size() for v in target.values() if v.numel()
+    )
 
     # a byte flipped in the big tensor's second checksum slice: step 2 fails, step 1 loads
     shard = "ck/step-000000002/rank-00000.safetensors"
@@ -201,6 +207,30 @@ def test_read_checked_continues_a_checksum_from_its_seed(tmp_path: Path) -> None
     first, rest = np.empty(1000, np.uint8), np.empty(payload.size - 1000, np.uint8)
     (seed,) = storage.read_checked("f.bin", 0, first)
     assert storage.read_checked("f.bin", 1000, rest, seed) == crc_slices(payload)
+    storage.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_read_without_a_seed_continues_the_previous_reads_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    # a slice read in several blocks (the device path's staging buffers): each block after the
+    # first has seed None and continues the checksum where the block before it left off
+    _small_direct_blocks(monkeypatch)
+    storage = PosixStorage(str(tmp_path))
+    payload = np.random.default_rng(5).integers(0, 256, 200_000, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    _evict(tmp_path / "f.bin")
+    cuts = [0, 9_000, 50_000, 50_001, 100_000, 120_000, 150_000, 200_000]  # slices of 50_000 (shrunk)
+    reads = [
+        CheckedRead("f.bin", lo, np.empty(hi - lo, np.uint8), 0 if lo % 50_000 == 0 else None, direct)
+        for lo, hi in itertools.pairwise(cuts)
+    ]
+    got = [crcs for crcs in storage.read_checked_many(reads)]
+    assert all(len(crcs) == 1 for crcs in got)
+    # the reads that end a slice carry that slice's checksum
+    assert [got[i][0] for i in (1, 3, 5, 6)] == crc_slices(payload)
+    assert np.array_equal(np.concatenate([r.buf for r in reads]), payload)
     storage.close()
 
 

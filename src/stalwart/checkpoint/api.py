@@ -286,13 +286,16 @@ class Manifest(_Record):
 class CheckedRead(NamedTuple):
     """One read of a storage's optional ``read_checked_many(reads) -> Iterator[list[int]]``: fill
     ``buf`` from ``offset`` of ``path``; its checksums are ``crc_slices(buf)``, the first slice's
-    extending ``seed``. ``direct=False``: other processes on the node read these bytes too (keep
-    them in the page cache). ``PosixStorage`` has it; the loader reads through it where present."""
+    extending ``seed`` (None: the previous read's last checksum, for a slice read in several
+    blocks). ``buf`` is written only while the iterator computes this read's checksums, so the
+    caller may still be using it until it asks for them. ``direct=False``: other processes on the
+    node read these bytes too (keep them in the page cache). ``PosixStorage`` has it; the loader
+    reads through it where present."""
 
     path: str
     offset: int
     buf: np.ndarray
-    seed: int = 0
+    seed: int | None = 0
     direct: bool = True
 
 

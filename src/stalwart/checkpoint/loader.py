@@ -339,18 +339,19 @@ def _read_chunks(
     callers: dict[torch.device, Any],
     shared: set[int],
 ) -> None:
-    stagers: dict[torch.device, _Stager] = {}
     plain = [(file, chunk, into) for file, chunk, into in chunks if not isinstance(into, _Staged)]
     _read_plain_chunks(source, plain, shared)
+    staged: dict[torch.device, list[tuple[str, ChunkEntry, _Staged]]] = {}
+    for file, chunk, into in chunks:
+        if isinstance(into, _Staged):
+            staged.setdefault(into.target.device, []).append((file, chunk, into))
+    stagers: list[_Stager] = []
     try:
-        for file, chunk, into in chunks:
-            if isinstance(into, _Staged):
-                device = into.target.device
-                if device not in stagers:
-                    stagers[device] = _Stager(device, callers.get(device))
-                _read_staged(source, file, chunk, into, stagers[device], id(chunk) not in shared)
+        for device, pieces in staged.items():
+            stagers.append(_Stager(device, callers.get(device)))
+            _read_staged_chunks(source, pieces, stagers[-1], shared)
     finally:
-        for stager in stagers.values():
+        for stager in stagers:
             stager.finish()
 
 
@@ -408,10 +409,14 @@ class _Stager:
 
     def take(self, n: int) -> np.ndarray:
         """The first ``n`` bytes of the buffer whose turn it is, once its last copy is done."""
+        self.wait_turn()
+        return self.buffers[self.turn][:n].numpy()
+
+    def wait_turn(self) -> None:
+        """Wait until the last copy out of the buffer whose turn it is is done."""
         copied = self.copied[self.turn]
         if copied is not None:
             copied.synchronize()
-        return self.buffers[self.turn][:n].numpy()
 
     def send(self, target: torch.Tensor) -> None:
         """Copy the taken buffer into ``target`` (flat bytes, as many as were taken); next turn."""
@@ -430,6 +435,50 @@ class _Stager:
         """Wait for every copy sent (the buffers may be freed after this)."""
         if self.stream is not None:
             self.stream.synchronize()
+
+
+def _read_staged_chunks(
+    source: Source, chunks: Sequence[tuple[str, ChunkEntry, _Staged]], stager: _Stager, shared: set[int]
+) -> None:
+    """Read pieces through ``stager`` into their device targets, in order, each in blocks that
+    fit a staging buffer and never straddle a checksum slice; with one ``read_checked_many``
+    where the storage has it (POSIX: the next blocks' requests are in flight while one block is
+    checksummed into a staging buffer and copied to the device)."""
+    many = getattr(source.storage, "read_checked_many", None)
+    if many is None:
+        for file, chunk, into in chunks:
+            _read_staged(source, file, chunk, into, stager, id(chunk) not in shared)
+        return
+    blocks: list[tuple[int, int, int]] = []  # (index in chunks, offset in the piece, bytes)
+    reads: list[CheckedRead] = []
+    for k, (file, chunk, _) in enumerate(chunks):
+        done = 0
+        while done < chunk.nbytes:
+            n = min(_STAGE_BYTES, chunk.nbytes - done, CHUNK_BYTES - done % CHUNK_BYTES)
+            buf = stager.buffers[(stager.turn + len(reads)) % 2][:n].numpy()
+            seed = 0 if done % CHUNK_BYTES == 0 else None  # None: the slice's checksum goes on
+            reads.append(
+                CheckedRead(source.prefix + file, chunk.start + done, buf, seed, id(chunk) not in shared)
+            )
+            blocks.append((k, done, n))
+            done += n
+    for file, chunk, _ in chunks:
+        if chunk.nbytes == 0:
+            _check_crcs(source, file, chunk, SliceCrcs(0).crcs)
+    i, slices = 0, []  # the block under way; its piece's slice checksums so far
+    with _read_errors(source, lambda: chunks[blocks[i][0]][0]), contextlib.closing(many(reads)) as results:
+        stager.wait_turn()  # the iterator writes a block into its buffer when asked for its checksums
+        for (crc,) in results:
+            k, start, n = blocks[i]
+            file, chunk, into = chunks[k]
+            stager.send(into.target[start : start + n])
+            if (start + n) % CHUNK_BYTES == 0 or start + n == chunk.nbytes:
+                slices.append(crc)
+            if start + n == chunk.nbytes:
+                _check_crcs(source, file, chunk, slices)  # after the copies, as a direct read's check
+                slices = []
+            i += 1
+            stager.wait_turn()
 
 
 def _read_staged(

@@ -230,20 +230,24 @@ class PosixStorage:
         requests: _DirectRequests | None = None
         with contextlib.ExitStack() as stack:
             if any(self._may_read_direct(r) for r in reads):
-                ahead = len(reads) > 1  # one read (a device target's block) reads in this thread
+                ahead = len(reads) > 1  # a single read is issued in this thread
                 block, count = (_READ_AHEAD_BLOCK, _READ_AHEAD_BUFFERS) if ahead else (_DIRECT_READ_BLOCK, 1)
                 bounces = [stack.enter_context(self._bounce.take(block)) for _ in range(count)]
                 requests = _DirectRequests(self, reads, bounces, block, ahead=ahead)
                 stack.callback(requests.stop)
+            last = 0  # the previous read's last checksum, for a read whose seed is None
             for read in reads:
+                if read.seed is None:
+                    read = read._replace(seed=last)
                 taken = requests.next() if requests is not None else _PAGE_CACHE
+                crcs: list[int] | None = None
                 if taken is not _PAGE_CACHE:
                     assert requests is not None
                     crcs = self._take_direct(requests, read, taken)
-                    if crcs is not None:
-                        yield crcs
-                        continue
-                yield self._read_cached_checked(read)
+                if crcs is None:
+                    crcs = self._read_cached_checked(read)
+                last = crcs[-1]
+                yield crcs
 
     def _may_read_direct(self, read: CheckedRead) -> bool:
         return bool(read.direct and self.direct_reads and _O_DIRECT and read.buf.size >= _DIRECT_READ_MIN)
@@ -269,6 +273,7 @@ class PosixStorage:
         """Checksum and copy the blocks ``requests`` read for ``read`` (``taken`` is the first);
         None where the file system refused the direct reads: the caller reads the page cache."""
         target, buf = self._abs(read.path), read.buf
+        assert read.seed is not None  # resolved by read_checked_many
         sums, end = SliceCrcs(buf.size, read.seed), read.offset + buf.size
         for at, lo, hi in _direct_requests(read.offset, buf.size, requests.block):
             if isinstance(taken, BaseException):  # the read's last message
@@ -300,6 +305,7 @@ class PosixStorage:
 
     def _read_cached_checked(self, read: CheckedRead) -> list[int]:
         target, buf = self._abs(read.path), read.buf
+        assert read.seed is not None  # resolved by read_checked_many
         if buf.size == 0:
             if not os.path.exists(target):
                 raise FileNotFoundError(errno.ENOENT, "no such file", target)
