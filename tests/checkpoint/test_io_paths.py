@@ -111,21 +111,40 @@ def test_blocking_save_round_trips_through_the_pipelined_path(tmp_path: Path, co
 
 def _staged_everywhere(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     """Send CPU targets down the device path (this machine has no GPU) with an odd staging size,
-    so reads straddle neither the buffers' nor the checksum slices' edges by luck; the bytes
-    sent through the staging buffers are recorded per target tensor (by its first byte's
-    address), and no copy may carry more than a staging buffer holds."""
+    so reads straddle neither the buffers' nor the checksum slices' edges by luck. Copies out of
+    the staging buffers are deferred, as a device's are, until the buffer's next turn, and the
+    buffer must not change meanwhile. The bytes sent are recorded per target tensor (by its
+    first byte's address); no copy may carry more than a staging buffer holds."""
     carried: dict[int, int] = {}
-    real = loader._Stager.send
+    pending: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def counting(self: Any, target: torch.Tensor) -> None:
+    def send(self: Any, target: torch.Tensor) -> None:
         assert target.numel() <= loader._STAGE_BYTES
         base = target.data_ptr() - target.storage_offset()
         carried[base] = carried.get(base, 0) + target.numel()
-        real(self, target)
+        assert (id(self), self.turn) not in pending, "a staging buffer was reused before its copy ran"
+        source = self.buffers[self.turn][: target.numel()]
+        pending[(id(self), self.turn)] = (source, source.clone(), target)
+        self.turn ^= 1
+
+    def complete(key: tuple[int, int]) -> None:
+        source, snapshot, target = pending.pop(key)
+        assert torch.equal(source, snapshot), "a staging buffer was written before its copy ran"
+        target.copy_(source)
+
+    def wait_turn(self: Any) -> None:
+        if (id(self), self.turn) in pending:
+            complete((id(self), self.turn))
+
+    def finish(self: Any) -> None:
+        for key in [key for key in pending if key[0] == id(self)]:
+            complete(key)
 
     monkeypatch.setattr(loader, "_direct", lambda local: False)
     monkeypatch.setattr(loader, "_STAGE_BYTES", (1 << 20) + 4099)
-    monkeypatch.setattr(loader._Stager, "send", counting)
+    monkeypatch.setattr(loader._Stager, "send", send)
+    monkeypatch.setattr(loader._Stager, "wait_turn", wait_turn)
+    monkeypatch.setattr(loader._Stager, "finish", finish)
     return carried
 
 
@@ -217,6 +236,7 @@ def test_a_read_without_a_seed_continues_the_previous_reads_checksum(
     # a slice read in several blocks (the device path's staging buffers): each block after the
     # first has seed None and continues the checksum where the block before it left off
     _small_direct_blocks(monkeypatch)
+    calls = _spy_direct_reads(monkeypatch)
     storage = PosixStorage(str(tmp_path))
     payload = np.random.default_rng(5).integers(0, 256, 200_000, dtype=np.uint8)
     (tmp_path / "f.bin").write_bytes(payload.tobytes())
@@ -231,6 +251,7 @@ def test_a_read_without_a_seed_continues_the_previous_reads_checksum(
     # the reads that end a slice carry that slice's checksum
     assert [got[i][0] for i in (1, 3, 5, 6)] == crc_slices(payload)
     assert np.array_equal(np.concatenate([r.buf for r in reads]), payload)
+    assert (len(calls) > 0) == (direct and storage.direct_reads)  # direct reads where they can be
     storage.close()
 
 

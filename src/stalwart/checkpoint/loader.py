@@ -462,9 +462,6 @@ def _read_staged_chunks(
             )
             blocks.append((k, done, n))
             done += n
-    for file, chunk, _ in chunks:
-        if chunk.nbytes == 0:
-            _check_crcs(source, file, chunk, SliceCrcs(0).crcs)
     i, slices = 0, []  # the block under way; its piece's slice checksums so far
     with _read_errors(source, lambda: chunks[blocks[i][0]][0]), contextlib.closing(many(reads)) as results:
         stager.wait_turn()  # the iterator writes a block into its buffer when asked for its checksums
