@@ -255,6 +255,36 @@ def test_a_read_without_a_seed_continues_the_previous_reads_checksum(
     storage.close()
 
 
+def test_reads_ahead_once_the_direct_bytes_pass_one_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one large piece (``stalwart ckpt verify`` reads piece by piece) reads ahead too; a single
+    # read of up to one request's worth is issued in the caller's thread
+    from stalwart.checkpoint import storage_posix
+
+    _small_direct_blocks(monkeypatch)
+    modes: list[bool] = []
+    real = storage_posix._DirectRequests.__init__
+
+    def spy(self: Any, *args: Any, ahead: bool) -> None:
+        modes.append(ahead)
+        real(self, *args, ahead=ahead)
+
+    monkeypatch.setattr(storage_posix._DirectRequests, "__init__", spy)
+    storage = PosixStorage(str(tmp_path))
+    payload = np.random.default_rng(6).integers(0, 256, 300_000, dtype=np.uint8)
+    (tmp_path / "f.bin").write_bytes(payload.tobytes())
+    _evict(tmp_path / "f.bin")
+    whole, part = np.empty_like(payload), np.empty(60_000, np.uint8)  # the request: 64 KiB here
+    assert storage.read_checked("f.bin", 0, whole) == crc_slices(payload)
+    assert storage.read_checked("f.bin", 4096, part) == crc_slices(payload[4096:64096])
+    assert np.array_equal(whole, payload) and np.array_equal(part, payload[4096:64096])
+    if not storage.direct_reads:
+        pytest.skip("this file system refuses O_DIRECT: no direct requests to issue")
+    assert modes == [True, False]
+    storage.close()
+
+
 def _evict(root: Path) -> None:
     """Drop ``root``'s files (or the file itself) from the page cache: a cold read, as after a
     restart on another node (cached files are read through the page cache)."""

@@ -229,8 +229,10 @@ class PosixStorage:
         requests that replaced them."""
         requests: _DirectRequests | None = None
         with contextlib.ExitStack() as stack:
-            if any(self._may_read_direct(r) for r in reads):
-                ahead = len(reads) > 1  # a single read is issued in this thread
+            direct_bytes = sum(r.buf.size for r in reads if self._may_read_direct(r))
+            if direct_bytes:
+                # up to one request's worth is read in this thread: no helper thread for it
+                ahead = direct_bytes > _DIRECT_READ_BLOCK
                 block, count = (_READ_AHEAD_BLOCK, _READ_AHEAD_BUFFERS) if ahead else (_DIRECT_READ_BLOCK, 1)
                 bounces = [stack.enter_context(self._bounce.take(block)) for _ in range(count)]
                 requests = _DirectRequests(self, reads, bounces, block, ahead=ahead)
