@@ -60,7 +60,7 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 # pages, and on a VM that hands freed memory back to its host that cost 40-240 ms of system time
 # per load with 12 buffers of 16 MiB; smaller blocks also start each checksum sooner. 1 GiB,
 # 4 streams, medians of 9 in three paired runs: 16 MiB x 3 340-366 ms (samples up to 584),
-# 2 MiB x 8 325-335 (up to 342), 4 MiB x 8 346, 1 MiB x 16 354; the raw read 292-299.
+# 2 MiB x 8 320-335 (up to 373), 4 MiB x 8 346, 1 MiB x 16 354; the raw read 292-299.
 # Pieces under 1 MiB stay in the page cache: a second descriptor and a bounce buffer are not
 # worth a few KiB.
 _DIRECT_READ_BLOCK = 16 << 20
