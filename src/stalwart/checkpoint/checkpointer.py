@@ -7,9 +7,8 @@ A save runs in two phases (CheckFreq's snapshot/persist):
 2. **persist**, in background threads: the shard file, whose write follows the copy block by
    block for ``blocking=True`` (the save costs about max(copy, write), not the sum) and starts
    after it otherwise; checksums (computed by the copy itself for ``blocking=True``, after it
-   otherwise); the memory-tier
-   commit, the part record on the durable storage, and on rank 0 the manifest commit and
-   retention.
+   otherwise); the memory-tier commit, the part record on the durable storage, and on rank 0 the
+   manifest commit and retention.
 
 A failed persist never stops training: it is logged as a warning and counted in
 ``stalwart_checkpoint_save_failures_total``. At most ``max_in_flight`` saves persist at once; the

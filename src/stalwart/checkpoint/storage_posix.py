@@ -54,8 +54,9 @@ _WRITE_BLOCK_FIRST = 8 << 20
 _CHECKED_BLOCK = 1 << 20  # read, then checksum while it is in L2
 _DIRECT_ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-# Direct reads, one at a time (a device target's block): 16 MiB per request (1 GiB cold with 4
-# streams here: 4 MiB 328 ms, 8 MiB 323-340, 16 MiB 310-323). Read ahead (a stream of pieces):
+# Direct reads of at most one request's worth in a call: a 16 MiB request, in the caller's
+# thread (1 GiB cold with 4 streams here, one request at a time: 4 MiB 328 ms, 8 MiB 323-340,
+# 16 MiB 310-323). More than that reads ahead (a load stream's pieces or staged blocks):
 # 2 MiB requests into 8 bounce buffers. A fresh buffer's first read faults in and zeroes its
 # pages, and on a VM that hands freed memory back to its host that cost 40-240 ms of system time
 # per load with 12 buffers of 16 MiB; smaller blocks also start each checksum sooner. 1 GiB,
