@@ -271,6 +271,7 @@ def test_reads_ahead_once_the_direct_bytes_pass_one_request(
         real(self, *args, ahead=ahead)
 
     monkeypatch.setattr(storage_posix._DirectRequests, "__init__", spy)
+    calls = _spy_direct_reads(monkeypatch)
     storage = PosixStorage(str(tmp_path))
     payload = np.random.default_rng(6).integers(0, 256, 300_000, dtype=np.uint8)
     (tmp_path / "f.bin").write_bytes(payload.tobytes())
@@ -279,9 +280,22 @@ def test_reads_ahead_once_the_direct_bytes_pass_one_request(
     assert storage.read_checked("f.bin", 0, whole) == crc_slices(payload)
     assert storage.read_checked("f.bin", 4096, part) == crc_slices(payload[4096:64096])
     assert np.array_equal(whole, payload) and np.array_equal(part, payload[4096:64096])
+    # two reads within one request's worth: both in the caller's thread, one after the other
+    pair = [
+        CheckedRead("f.bin", 10_000, np.empty(20_000, np.uint8)),
+        CheckedRead("f.bin", 150_000, np.empty(30_000, np.uint8)),
+    ]
+    assert list(storage.read_checked_many(pair)) == [
+        crc_slices(payload[10_000:30_000]),
+        crc_slices(payload[150_000:180_000]),
+    ]
+    assert np.array_equal(pair[0].buf, payload[10_000:30_000]) and np.array_equal(
+        pair[1].buf, payload[150_000:180_000]
+    )
     if not storage.direct_reads:
         pytest.skip("this file system refuses O_DIRECT: no direct requests to issue")
-    assert modes == [True, False]
+    assert modes == [True, False, False]
+    assert len(calls) == 4  # every read above went direct
     storage.close()
 
 
