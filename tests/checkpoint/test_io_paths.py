@@ -238,9 +238,7 @@ def test_a_read_without_a_seed_continues_the_previous_reads_checksum(
     _small_direct_blocks(monkeypatch)
     calls = _spy_direct_reads(monkeypatch)
     storage = PosixStorage(str(tmp_path))
-    payload = np.random.default_rng(5).integers(0, 256, 200_000, dtype=np.uint8)
-    (tmp_path / "f.bin").write_bytes(payload.tobytes())
-    _evict(tmp_path / "f.bin")
+    payload = _cold_file(tmp_path / "f.bin", np.random.default_rng(5), 200_000)
     cuts = [0, 9_000, 50_000, 50_001, 100_000, 120_000, 150_000, 200_000]  # slices of 50_000 (shrunk)
     reads = [
         CheckedRead("f.bin", lo, np.empty(hi - lo, np.uint8), 0 if lo % 50_000 == 0 else None, direct)
@@ -273,9 +271,7 @@ def test_reads_ahead_once_the_direct_bytes_pass_one_request(
     monkeypatch.setattr(storage_posix._DirectRequests, "__init__", spy)
     calls = _spy_direct_reads(monkeypatch)
     storage = PosixStorage(str(tmp_path))
-    payload = np.random.default_rng(6).integers(0, 256, 300_000, dtype=np.uint8)
-    (tmp_path / "f.bin").write_bytes(payload.tobytes())
-    _evict(tmp_path / "f.bin")
+    payload = _cold_file(tmp_path / "f.bin", np.random.default_rng(6), 300_000)
     whole, part = np.empty_like(payload), np.empty(60_000, np.uint8)  # the request: 64 KiB here
     assert storage.read_checked("f.bin", 0, whole) == crc_slices(payload)
     assert storage.read_checked("f.bin", 4096, part) == crc_slices(payload[4096:64096])
@@ -297,6 +293,14 @@ def test_reads_ahead_once_the_direct_bytes_pass_one_request(
     assert modes == [True, False, False]
     assert len(calls) == 4  # every read above went direct
     storage.close()
+
+
+def _cold_file(path: Path, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Write ``size`` random bytes to ``path``, out of the page cache; the bytes."""
+    payload = rng.integers(0, 256, size, dtype=np.uint8)
+    path.write_bytes(payload.tobytes())
+    _evict(path)
+    return payload
 
 
 def _evict(root: Path) -> None:
@@ -422,9 +426,7 @@ def test_many_reads_in_one_stream_match_the_file(tmp_path: Path, monkeypatch: py
     _small_direct_blocks(monkeypatch)
     calls = _spy_direct_reads(monkeypatch)
     rng = np.random.default_rng(11)
-    payload = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
-    (tmp_path / "f.bin").write_bytes(payload.tobytes())
-    _evict(tmp_path / "f.bin")
+    payload = _cold_file(tmp_path / "f.bin", rng, 3 << 20)
     storage = PosixStorage(str(tmp_path))
     reads, expected = [], []
     for _ in range(60):
@@ -494,9 +496,7 @@ def test_direct_reads_refused_at_read_time_fall_back_for_the_rest_of_a_stream(
         return real(fd, view, offset)
 
     monkeypatch.setattr(storage_posix, "_pread_direct", refusing)
-    payload = np.random.default_rng(13).integers(0, 256, 1 << 20, dtype=np.uint8)
-    (tmp_path / "f.bin").write_bytes(payload.tobytes())
-    _evict(tmp_path / "f.bin")
+    payload = _cold_file(tmp_path / "f.bin", np.random.default_rng(13), 1 << 20)
     storage = PosixStorage(str(tmp_path))
     reads = [CheckedRead("f.bin", i * 100_000, np.empty(100_000, np.uint8)) for i in range(8)]
     assert list(storage.read_checked_many(reads)) == [crc_slices(r.buf) for r in reads]
@@ -520,9 +520,7 @@ def test_every_direct_read_refused_at_read_time_never_stalls_a_stream(
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(storage_posix, "_pread_direct", refusing)
-    payload = np.random.default_rng(14).integers(0, 256, 4 << 20, dtype=np.uint8)
-    (tmp_path / "f.bin").write_bytes(payload.tobytes())
-    _evict(tmp_path / "f.bin")
+    payload = _cold_file(tmp_path / "f.bin", np.random.default_rng(14), 4 << 20)
     storage = PosixStorage(str(tmp_path))
     cold = CheckedRead("f.bin", 2 << 20, np.empty(2 << 20, np.uint8), direct=False)
     reads = [cold, *(CheckedRead("f.bin", i * 200_000, np.empty(200_000, np.uint8)) for i in range(8))]
