@@ -77,6 +77,29 @@ def test_a_crashed_worker_is_restarted_and_training_continues_from_the_checkpoin
     assert "generation 1" in ev.stdout and "rank 1" in ev.stdout and "first_step" in ev.stdout
 
 
+def test_exits_are_seen_when_they_happen_not_at_the_next_monitor_interval(stalwart: StalwartRunner) -> None:
+    # With a 600 s interval, a loop that only polled would see neither the crash nor the end
+    # before _finish's deadline: the exit watcher wakes it.
+    p = stalwart.start(
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--monitor-interval",
+        "600",
+        "--fault",
+        "crash:rank=1:step=3",
+        *stalwart.tiny_args(5),
+    )
+    out = _finish(p, timeout=120)
+    assert p.returncode == 0, out
+    assert [s for g, s in stalwart.progress_of(1) if g == 1] == [4, 5]
+    # (rank 0's traceback from the broken collective may add a log rule's warning)
+    (fault,) = [e for e in stalwart.events() if e["event"] == "fault" and e["fault"]["kind"] == "worker_exit"]
+    assert fault["fault"]["message"] == "rank 1 signal SIGKILL"
+
+
 def test_spent_budget_exits_76_naming_the_rank_exit_code_and_traceback(stalwart: StalwartRunner) -> None:
     p = stalwart.start(
         "--standalone",

@@ -43,7 +43,7 @@ from stalwart.agent.api import AgentConfig, ScriptFailed
 from stalwart.agent.failures import WorkerFailure, exit_fault, format_failure
 from stalwart.agent.jobstore import JobStore
 from stalwart.agent.policy import AgentState, Budget, Decision, Verdict
-from stalwart.agent.procs import OutputPump, make_launcher, stop_processes
+from stalwart.agent.procs import ExitWatcher, OutputPump, make_launcher, stop_processes
 from stalwart.agent.rendezvous import backend_store
 from stalwart.agent.status import AgentMetrics, StatusServer
 from stalwart.agent.timeline import Timeline, format_incidents, load_events, summarize
@@ -81,7 +81,8 @@ class StalwartAgent(SimpleElasticAgent):
         self._launcher = make_launcher(config.standby, config.standby_preload, config.worker_env)
         self._lock = threading.Lock()
         self._console_lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # a worker exited: look now, not at the next interval
+        self._exits = ExitWatcher(self._on_worker_exit)
         self._state = AgentState.INIT
         self._generation = -1
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -408,7 +409,9 @@ class StalwartAgent(SimpleElasticAgent):
         if self.cfg.pre_train:
             self._say(f"running pre-train script: {' '.join(self.cfg.pre_train)}")
             run_script(self.cfg, "pre-train", self.cfg.pre_train, gen)
-        self._exited_at.clear()
+        with self._lock:  # the last generation's workers are stopped; a late exit of one is not news
+            self._procs.clear()
+            self._exited_at.clear()
         self._last_step.clear()
         self._first_step_seen = False
         self._gen_started = time.time()
@@ -432,6 +435,7 @@ class StalwartAgent(SimpleElasticAgent):
             )
             with self._lock:
                 self._procs[w.local_rank] = proc
+            self._exits.watch((w.local_rank, proc), proc.pid)
             prefix = f"[{self.cfg.node}/{w.global_rank}]"
             log_path = os.path.join(
                 self.cfg.log_dir, self.cfg.node, f"gen-{gen}", f"rank-{w.global_rank}.log"
@@ -505,6 +509,7 @@ class StalwartAgent(SimpleElasticAgent):
         self._stop_workers(self._worker_group, death_sig, self.cfg.shutdown_timeout)
         self._jobstore.close_worker_store()
         self._launcher.close()
+        self._exits.close()
         self._receiver.stop()
         if self._status is not None:
             self._status.stop()
@@ -591,6 +596,14 @@ class StalwartAgent(SimpleElasticAgent):
                 for phase, seconds in incident.phases(self.timeline.node).items():
                     if seconds is not None:
                         self.metrics.recovery_phase.labels(phase=phase).observe(seconds)
+
+    def _on_worker_exit(self, key: object, when: float) -> None:
+        local_rank, proc = key  # type: ignore[misc]
+        with self._lock:
+            if self._procs.get(local_rank) is not proc:
+                return  # a worker of an earlier generation, stopped by a restart
+            self._exited_at.setdefault(local_rank, when)
+        self._wake.set()
 
     def _on_line(self, local_rank: int, line: str) -> None:
         for monitor in self.cfg.monitors:
