@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 from torch.distributed import HashStore, PrefixStore, TCPStore
@@ -88,3 +89,60 @@ def test_a_store_without_a_job_wide_namespace_counts_on_this_agent() -> None:
     assert js.claim_restart(0) == (True, 1)
     assert js.sync_generation(HashStore(), 0, 1, fresh_round=True) == 1  # a new round's fresh store
     assert js.restarts_used() == 1
+
+
+def _agents(server: TCPStore, n: int) -> list[JobStore]:
+    agents = []
+    for _ in range(n):
+        js = JobStore("job")
+        js._base = _client(server)  # each agent past its rendezvous, on its own connection
+        agents.append(js)
+    return agents
+
+
+def test_the_node_whose_fault_came_first_hands_over_though_it_said_so_last() -> None:
+    server = _server()
+    culprit, peer = _agents(server, 2)
+    got: dict[str, bool] = {}
+
+    def elect(js: JobStore, node: str, failed_at: float) -> None:
+        got[node] = js.elect_handover(0, node, failed_at, nodes=2, settle=30)
+
+    # the peer's workers failed 20 ms later, but its agent says so first: the race the first
+    # claim used to lose
+    peer_thread = threading.Thread(target=elect, args=(peer, "peer", 1000.02))
+    peer_thread.start()
+    deadline = time.monotonic() + 10
+    while server.add("stalwart/job/handover/0/count", 0) < 1:
+        assert time.monotonic() < deadline, "the peer never said its fault"
+        time.sleep(0.01)
+    elect(culprit, "culprit", 1000.00)
+    peer_thread.join(30)
+    assert got == {"culprit": True, "peer": False}
+
+
+def test_a_node_alone_hands_over_at_once_and_a_late_node_cannot_make_a_second() -> None:
+    server = _server()
+    (solo,) = _agents(server, 1)
+    assert solo.elect_handover(3, "solo", 5.0, nodes=1, settle=30)
+    first, late = _agents(server, 2)
+    assert first.elect_handover(4, "a", 2.0, nodes=2, settle=0.05)  # the other node never said
+    # it says later, with an earlier fault: its choice is itself, but the claim is taken
+    assert not late.elect_handover(4, "b", 1.0, nodes=2, settle=0.05)
+
+
+def test_a_tie_hands_over_exactly_one_node() -> None:
+    server = _server()
+    agents = _agents(server, 3)
+    got: dict[str, bool] = {}
+    threads = [
+        threading.Thread(
+            target=lambda js=js, name=name: got.__setitem__(name, js.elect_handover(0, name, 7.0, 3, 30))
+        )
+        for js, name in zip(agents, ("c", "a", "b"), strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {"a": True, "b": False, "c": False}

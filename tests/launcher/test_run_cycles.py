@@ -287,7 +287,8 @@ def test_with_the_budget_spent_one_node_per_incident_hands_itself_over(
     stalwart: StalwartRunner, free_port: Any, wait_for: Any
 ) -> None:
     """A crash fails every node's workers; each node exiting 76 cost the job one pod replacement
-    (its backoffLimit) per node. One does; the other waits for its replacement."""
+    (its backoffLimit) per node. One does, the one whose worker crashed; the other waits for its
+    replacement."""
     port = free_port()
     _store_apart(stalwart, port, wait_for)
     work = [
@@ -303,6 +304,8 @@ def test_with_the_budget_spent_one_node_per_incident_hands_itself_over(
     wait_for(lambda: any(p.poll() is not None for p in nodes.values()), 120, what="a node to hand over")
     gone = next(n for n, p in nodes.items() if p.poll() is not None)
     stayed = next(n for n in nodes if n != gone)
+    # the node whose worker crashed, not the one whose worker only lost its peer
+    assert (stalwart.log_dir / gone / "gen-0" / "rank-1.log").exists(), f"{gone} was not rank 1's node"
     out = nodes[gone].communicate(timeout=30)[0]
     assert nodes[gone].returncode == 76, out[-3000:]
     assert nodes[stayed].poll() is None  # waiting in the rendezvous, not handed over too

@@ -62,6 +62,11 @@ _AGENT_EVENTS = frozenset(
 
 logger = logging.getLogger(__name__)
 
+# How long a node whose budget is spent waits for the other nodes' faults of the same incident
+# before the earliest one hands itself over (see ``JobStore.elect_handover``); a peer's workers
+# fail milliseconds after the culprit's, and the wait ends early once every node said its own.
+_HANDOVER_SETTLE_S = 1.0
+
 
 def _wants(spec: Any, local_rank: int, std: Std) -> bool:
     value = spec.get(local_rank, Std.NONE) if isinstance(spec, dict) else (spec or Std.NONE)
@@ -277,12 +282,16 @@ class StalwartAgent(SimpleElasticAgent):
             if d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
                 # Another node already spent the budget on this very incident: follow its restart.
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: joining another node's restart")
-            elif d.exit_code == policy.EXIT_BUDGET_SPENT and not self._jobstore.claim_handover(
-                self._generation
+            elif d.exit_code == policy.EXIT_BUDGET_SPENT and not self._jobstore.elect_handover(
+                self._generation,
+                self.cfg.node,
+                fault.observed_at,
+                self._worker_group.group_world_size or 1,
+                _HANDOVER_SETTLE_S,
             ):
                 # One incident fails the workers of every node, but one pod is enough to hand
-                # over (each costs the job's backoffLimit): the first node does, the others wait
-                # in the rendezvous for its replacement.
+                # over (each costs the job's backoffLimit): the node whose fault came first
+                # does, the others wait in the rendezvous for its replacement.
                 d = Decision(
                     Verdict.RESTART,
                     f"{fault.kind.value}: another node handed itself over; waiting for its replacement",

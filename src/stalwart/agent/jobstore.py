@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import timedelta
 
 from torch.distributed import HashStore, PrefixStore, Store, TCPStore
@@ -22,6 +23,8 @@ from torch.distributed import HashStore, PrefixStore, Store, TCPStore
 __all__ = ["JobStore"]
 
 logger = logging.getLogger(__name__)
+
+_HANDOVER_POLL_S = 0.02
 
 
 def _base_store(store: Store) -> Store:
@@ -107,6 +110,31 @@ class JobStore:
         """Whether this agent is the first to hand its node over out of ``generation`` (the
         restart budget is spent); the others wait in the rendezvous for its replacement."""
         return bool(self.base.add(self._key(f"handover_claim/{generation}"), 1) == 1)
+
+    def elect_handover(self, generation: int, node: str, failed_at: float, nodes: int, settle: float) -> bool:
+        """Whether ``node`` hands itself over out of ``generation``: the node whose fault came
+        first, among the nodes that saw one within ``settle`` seconds of this one's (fewer once
+        all ``nodes`` said theirs).
+
+        One crash fails the workers of every node, a few milliseconds apart; replacing a node
+        whose workers only lost their peers leaves the faulty one in the job. Wall clocks of the
+        nodes are compared (NTP keeps them within milliseconds). A node that says its fault
+        after the others settled cannot change the choice: ``claim_handover`` still lets one
+        node only hand over.
+        """
+        count = self._key(f"handover/{generation}/count")
+        index = self.base.add(count, 1)
+        self.base.set(self._key(f"handover/{generation}/{index}"), json.dumps([failed_at, node]))
+        deadline = time.monotonic() + settle
+        while self.base.add(count, 0) < nodes and time.monotonic() < deadline:
+            time.sleep(_HANDOVER_POLL_S)
+        seen: list[tuple[float, str]] = []
+        for i in range(1, self.base.add(count, 0) + 1):
+            key = self._key(f"handover/{generation}/{i}")
+            if self.base.check([key]):  # counted, and perhaps not yet written: its node is late
+                at, name = json.loads(self.base.get(key))
+                seen.append((float(at), str(name)))
+        return min(seen)[1] == node and self.claim_handover(generation)
 
     def host_worker_store(self, round_store: Store, generation: int, host: str) -> tuple[str, int]:
         """On group rank 0: start a fresh TCPStore for the workers of ``generation`` and publish it."""
