@@ -125,6 +125,8 @@ def test_a_node_alone_hands_over_at_once_and_a_late_node_cannot_make_a_second() 
     server = _server()
     (solo,) = _agents(server, 1)
     assert solo.elect_handover(3, "solo", 5.0, nodes=1, settle=30)
+    assert solo.elect_handover(3, "solo", 5.0, nodes=1, settle=30)  # a second fault: the same say
+    assert server.add("stalwart/job/handover/3/count", 0) == 1
     first, late = _agents(server, 2)
     assert first.elect_handover(4, "a", 2.0, nodes=2, settle=0.05)  # the other node never said
     # it says later, with an earlier fault: its choice is itself, but the claim is taken

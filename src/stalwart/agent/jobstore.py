@@ -43,6 +43,7 @@ class JobStore:
         self._base: Store | None = None
         self._worker_store: TCPStore | None = None
         self._local: Store | None = None
+        self._elections: dict[int, bool] = {}  # generation -> whether this node hands over
 
     def _key(self, name: str) -> str:
         return f"{self._prefix}/{name}"
@@ -122,6 +123,8 @@ class JobStore:
         after the others settled cannot change the choice: ``claim_handover`` still lets one
         node only hand over.
         """
+        if generation in self._elections:  # several faults of one incident: one say each node
+            return self._elections[generation]
         count = self._key(f"handover/{generation}/count")
         index = self.base.add(count, 1)
         self.base.set(self._key(f"handover/{generation}/{index}"), json.dumps([failed_at, node]))
@@ -134,7 +137,9 @@ class JobStore:
             if self.base.check([key]):  # counted, and perhaps not yet written: its node is late
                 at, name = json.loads(self.base.get(key))
                 seen.append((float(at), str(name)))
-        return min(seen)[1] == node and self.claim_handover(generation)
+        chosen = min(seen)[1] == node and self.claim_handover(generation)
+        self._elections[generation] = chosen
+        return chosen
 
     def host_worker_store(self, round_store: Store, generation: int, host: str) -> tuple[str, int]:
         """On group rank 0: start a fresh TCPStore for the workers of ``generation`` and publish it."""
