@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 from torch.distributed import HashStore, PrefixStore, TCPStore
 
@@ -118,6 +119,52 @@ def test_the_node_whose_fault_came_first_hands_over_though_it_said_so_last() -> 
         time.sleep(0.01)
     elect(culprit, "culprit", 1000.00)
     peer_thread.join(30)
+    assert got == {"culprit": True, "peer": False}
+
+
+class _LateWrites:
+    """A store as seen by a node whose writes arrive late: ``set`` waits for ``release``."""
+
+    def __init__(self, store: TCPStore, release: threading.Event) -> None:
+        self._store = store
+        self._release = release
+
+    def set(self, key: str, value: str) -> None:
+        assert self._release.wait(30)
+        self._store.set(key, value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_fault_counted_but_not_yet_written_is_waited_for() -> None:
+    server = _server()
+    culprit, peer = _agents(server, 2)
+    release = threading.Event()
+    culprit._base = _LateWrites(_client(server), release)  # type: ignore[assignment]
+    got: dict[str, bool] = {}
+    threads = [
+        threading.Thread(target=lambda: got.__setitem__("peer", peer.elect_handover(0, "peer", 2.0, 2, 30))),
+        threading.Thread(
+            target=lambda: got.__setitem__("culprit", culprit.elect_handover(0, "culprit", 1.0, 2, 30))
+        ),
+    ]
+    threads[0].start()
+    deadline = time.monotonic() + 10
+    while server.add("stalwart/job/handover/0/count", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    threads[1].start()  # counts itself, then blocks in its write
+    while server.add("stalwart/job/handover/0/count", 0) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # both nodes are counted, one entry is written: an election that settled on that would
+    # finish now, and the peer, alone in it, would hand over
+    threads[0].join(1.0)
+    assert threads[0].is_alive(), f"settled without the counted culprit: {got}"
+    release.set()
+    for t in threads:
+        t.join(30)
     assert got == {"culprit": True, "peer": False}
 
 

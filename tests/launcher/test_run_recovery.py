@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from stalwart.agent.policy import EXIT_BUDGET_SPENT
+from stalwart.agent.procs import ExitWatcher
 from stalwart.agent.timeline import parse_event_line
 
 STALWART = [sys.executable, "-m", "stalwart.cli"]
@@ -77,6 +80,7 @@ def test_a_crashed_worker_is_restarted_and_training_continues_from_the_checkpoin
     assert "generation 1" in ev.stdout and "rank 1" in ev.stdout and "first_step" in ev.stdout
 
 
+@pytest.mark.skipif(not ExitWatcher.supported(), reason="pidfd_open is refused here: the agent polls")
 def test_exits_are_seen_when_they_happen_not_at_the_next_monitor_interval(stalwart: StalwartRunner) -> None:
     # With a 600 s interval, a loop that only polled would see neither the crash nor the end
     # before _finish's deadline: the exit watcher wakes it.

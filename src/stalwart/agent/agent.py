@@ -63,9 +63,10 @@ _AGENT_EVENTS = frozenset(
 logger = logging.getLogger(__name__)
 
 # How long a node whose budget is spent waits for the other nodes' faults of the same incident
-# before the earliest one hands itself over (see ``JobStore.elect_handover``); a peer's workers
-# fail milliseconds after the culprit's, and the wait ends early once every node said its own.
-_HANDOVER_SETTLE_S = 1.0
+# before the earliest one hands itself over (see ``JobStore.elect_handover``). A peer's workers
+# fail milliseconds after the culprit's, but the culprit may say so up to a second later (its
+# killed worker's pipes, see ``_failures``); the wait ends early once every node said its own.
+_HANDOVER_SETTLE_S = 3.0
 
 
 def _wants(spec: Any, local_rank: int, std: Std) -> bool:
@@ -311,11 +312,14 @@ class StalwartAgent(SimpleElasticAgent):
 
     def _failures(self) -> list[WorkerFailure]:
         out = []
+        # let the tracebacks arrive: at most a second in all (a killed worker's children, a
+        # DataLoader's, may hold its pipes open for longer)
+        deadline = time.monotonic() + 1.0
         for w in self._worker_group.workers:
             p = self._procs.get(w.local_rank)
             if p is None or p.returncode in (None, 0):
                 continue
-            self._pumps[w.local_rank].join(timeout=1.0)  # let the traceback arrive
+            self._pumps[w.local_rank].join(timeout=max(0.0, deadline - time.monotonic()))
             exited = self._exited_at.get(w.local_rank, time.time())
             out.append(
                 WorkerFailure.build(
@@ -421,6 +425,7 @@ class StalwartAgent(SimpleElasticAgent):
         with self._lock:  # the last generation's workers are stopped; a late exit of one is not news
             self._procs.clear()
             self._exited_at.clear()
+            self._wake.clear()
         self._last_step.clear()
         self._first_step_seen = False
         self._gen_started = time.time()

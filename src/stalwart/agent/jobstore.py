@@ -125,17 +125,32 @@ class JobStore:
         """
         if generation in self._elections:  # several faults of one incident: one say each node
             return self._elections[generation]
+        if (
+            self._local is not None and self._base is self._local
+        ):  # no job-wide store: every node counts (and ends) alone
+            self._elections[generation] = self.claim_handover(generation)
+            return self._elections[generation]
         count = self._key(f"handover/{generation}/count")
+
+        def entry(i: int) -> str:
+            return self._key(f"handover/{generation}/{i}")
+
         index = self.base.add(count, 1)
-        self.base.set(self._key(f"handover/{generation}/{index}"), json.dumps([failed_at, node]))
+        self.base.set(entry(index), json.dumps([failed_at, node]))
+        # settled once every node said its fault and every said fault is written (a node counts
+        # itself before it writes), or at the deadline
         deadline = time.monotonic() + settle
-        while self.base.add(count, 0) < nodes and time.monotonic() < deadline:
+        while True:
+            said = self.base.add(count, 0)
+            if (said >= nodes and self.base.check([entry(i) for i in range(1, said + 1)])) or (
+                time.monotonic() >= deadline
+            ):
+                break
             time.sleep(_HANDOVER_POLL_S)
         seen: list[tuple[float, str]] = []
-        for i in range(1, self.base.add(count, 0) + 1):
-            key = self._key(f"handover/{generation}/{i}")
-            if self.base.check([key]):  # counted, and perhaps not yet written: its node is late
-                at, name = json.loads(self.base.get(key))
+        for i in range(1, said + 1):
+            if self.base.check([entry(i)]):  # still unwritten at the deadline: its node is late
+                at, name = json.loads(self.base.get(entry(i)))
                 seen.append((float(at), str(name)))
         chosen = min(seen)[1] == node and self.claim_handover(generation)
         self._elections[generation] = chosen

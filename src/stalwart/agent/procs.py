@@ -114,31 +114,41 @@ class ExitWatcher:
             self._thread = threading.Thread(target=self._run, name="stalwart-exit-watcher", daemon=True)
             self._thread.start()
 
+    @staticmethod
+    def supported() -> bool:
+        """Whether this kernel and its filters allow pidfds (a probe on this process)."""
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError):
+            return False
+        return True
+
     def watch(self, key: object, pid: int) -> bool:
-        """Watch ``pid`` (a child not yet reaped); False where pidfds are unavailable."""
-        if self._poller is None:
+        """Watch ``pid`` (a child not yet reaped); False where it cannot: the caller's polling
+        sees that process's exit."""
+        if self._poller is None or not self.available:
             return False
         try:
             fd = os.pidfd_open(pid)
         except ProcessLookupError:  # already reaped: it exited
             self._on_exit(key, time.time())
             return True
-        except OSError as exc:
+        except OSError as exc:  # an optimisation only: never a reason to fail a worker's start
             if exc.errno in (errno.ENOSYS, errno.EPERM, errno.EACCES):
-                self.available = False
-                logger.debug("pidfd_open refused (%s): exits are seen by polling", exc)
-                return False
-            raise
+                self.available = False  # refused for good (an old kernel, a seccomp filter)
+            logger.debug("pidfd_open(%d) failed (%s): its exit is seen by polling", pid, exc)
+            return False
         with self._lock:
             if self._closed:
                 os.close(fd)
                 return False
             self._watched[fd] = key
             self._poller.register(fd, select.POLLIN)
-        self._interrupt()  # a poll() under way still waits on the descriptors it started with
+            self._interrupt()  # a poll() under way still waits on the descriptors it started with
         return True
 
     def _interrupt(self) -> None:
+        """Wake the thread's poll() (called with the lock held, before close() closes the pipe)."""
         with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
             os.write(self._wake_w, b"x")
 
@@ -149,13 +159,15 @@ class ExitWatcher:
                 self._closed = True
                 return
             self._closed = True
-        self._interrupt()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        with self._lock:
-            for fd in self._watched:
-                os.close(fd)
-            self._watched.clear()
+            self._interrupt()
+        assert self._thread is not None
+        self._thread.join(timeout=5.0)
+        if self._thread.is_alive():  # stuck in a callback: its descriptors go with the process
+            logger.warning("the exit watcher did not stop; leaving its descriptors open")
+            return
+        for fd in self._watched:
+            os.close(fd)
+        self._watched.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
