@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ bench: $(STAMP)
 	$(PY) bench/detection.py
 	$(PY) bench/checkpoint.py
 	$(PY) bench/standby.py
+
+# Wheels that a GPU machine without PyPI needs for bench/gpu_check.sh (its Python is 3.12)
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any -d .whl \
+		crc32c crc32c-rs==0.0.7 boto3 botocore s3transfer jmespath
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
