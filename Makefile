@@ -30,6 +30,7 @@ bench: $(STAMP)
 
 # Wheels that a GPU machine without PyPI needs for bench/gpu_check.sh (its Python is 3.12)
 gpu-wheels:
+	rm -rf .whl
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		--platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any -d .whl \

@@ -158,13 +158,15 @@ def test_a_fault_counted_but_not_yet_written_is_waited_for() -> None:
     while server.add("stalwart/job/handover/0/count", 0) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    # both nodes are counted, one entry is written: an election that settled on that would
-    # finish now, and the peer, alone in it, would hand over
-    threads[0].join(1.0)
-    assert threads[0].is_alive(), f"settled without the counted culprit: {got}"
-    release.set()
-    for t in threads:
-        t.join(30)
+    try:
+        # both nodes are counted, one entry is written: an election that settled on that would
+        # finish now, and the peer, alone in it, would hand over
+        threads[0].join(1.0)
+        assert threads[0].is_alive(), f"settled without the counted culprit: {got}"
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
     assert got == {"culprit": True, "peer": False}
 
 

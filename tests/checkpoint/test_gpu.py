@@ -8,6 +8,9 @@ check what only a GPU has: pinned staging buffers, the loader's own stream, asyn
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,29 @@ def _evict(root: Path) -> None:
             os.close(fd)
 
 
+@pytest.fixture
+def config() -> Iterator[CheckpointConfig]:
+    """The memory tier on tmpfs, as in production: its mappings can be page-locked (a file on
+    disk cannot be, and the pinned path would go untested)."""
+    shm = tempfile.mkdtemp(prefix="stalwart-gpu-test-", dir="/dev/shm")
+    try:
+        yield CheckpointConfig(shm_root=shm, job="gpu", flush_on_sigterm=False)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def _pinned(ck: Checkpointer) -> bool:
+    assert ck.memory is not None
+    return bool(ck.memory._maps) and all(
+        getattr(m, "_stalwart_pinned", False) for m in ck.memory._maps.values()
+    )
+
+
+# ~1 s of GPU time at H200 clocks: the work queued before a save or a load is still running when
+# it starts, so a missing synchronisation shows
+_GPU_BUSY_CYCLES = 2_000_000_000
+
+
 def _durable(root: Path) -> Checkpointer:
     return Checkpointer(str(root), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
 
@@ -69,6 +95,7 @@ def test_gpu_state_round_trips_through_the_memory_tier_and_cold_from_disk(
     ck = Checkpointer(str(root), config)
     try:
         ck.save(1, state, blocking=True)
+        assert _pinned(ck)
         target = _map(state, torch.zeros_like)
         assert ck.load_latest(target) == 1
         _assert_equal(target, want)
@@ -89,17 +116,31 @@ def test_an_async_save_keeps_the_values_of_its_step_while_training_goes_on(
 ) -> None:
     state = _gpu_state(2)
     want = _map(state, lambda t: t.cpu().clone())
-    ck = Checkpointer(str(tmp_path / "ck"), config)
+    root = tmp_path / "ck"
+    ck = Checkpointer(str(root), config)
     try:
+        # the step's last kernels still run when save() is called: its device-to-host copies
+        # queue behind them, and save() may return only once they are done (the persist reads
+        # the buffer from another thread)
+        torch.cuda._sleep(_GPU_BUSY_CYCLES)
         ck.save(1, state)
         for tensor in (state["model"]["big"], state["model"]["half"], state["host"]):
-            tensor.add_(1)  # the next step, queued on the current stream at once
+            tensor.add_(1)  # the next step, at once
         ck.wait()
+        assert _pinned(ck)
         target = _map(state, torch.zeros_like)
         assert ck.load_latest(target) == 1
         _assert_equal(target, want)
     finally:
         ck.close(drop_memory=True)
+    _evict(root)
+    durable = _durable(root)
+    try:
+        target = _map(state, torch.zeros_like)
+        assert durable.load_latest(target) == 1
+        _assert_equal(target, want)
+    finally:
+        durable.close()
 
 
 def test_a_cold_load_waits_for_work_queued_on_its_targets_and_is_seen_by_later_work(
@@ -117,9 +158,11 @@ def test_a_cold_load_waits_for_work_queued_on_its_targets_and_is_seen_by_later_w
     durable = _durable(root)
     try:
         target = _map(state, torch.zeros_like)
+        assert durable.load_latest(target) == 1  # a warm-up: buffers, streams, the first read
+        _evict(root)
         # work the caller queued before the load, still running when the load starts: the
         # loaded bytes must land after it, not be overwritten by it
-        torch.cuda._sleep(200_000_000)
+        torch.cuda._sleep(_GPU_BUSY_CYCLES)
         for tensor in (target["model"]["big"], target["model"]["ints"]):
             tensor.fill_(7)
         assert durable.load_latest(target) == 1

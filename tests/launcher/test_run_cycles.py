@@ -318,6 +318,30 @@ def test_with_the_budget_spent_one_node_per_incident_hands_itself_over(
     assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 8
 
 
+def test_a_node_hears_another_nodes_restart_at_once(
+    stalwart: StalwartRunner, free_port: Any, wait_for: Any
+) -> None:
+    """Node b restarts its workers (a log rule); node a's workers talk to no one, so nothing fails
+    there, and a polls the rendezvous only every 600 s: b's announcement alone brings a to the
+    next round, and both finish."""
+    port = free_port()
+    _store_apart(stalwart, port, wait_for)
+    rule = json.dumps(
+        {"name": "restart-b", "logPattern": "gen 0 step 3$", "faultOnMatch": True, "action": "restart"}
+    )
+    work = [str(Path(__file__).parents[1] / "workers" / "no_collectives.py"), "--steps", "8"]
+    a = _agent_on(
+        stalwart, port, "peers", "a", 0, "--rdzv-conf", "is_host=0", "--monitor-interval", "600", *work
+    )
+    b = _agent_on(stalwart, port, "peers", "b", 0, "--rdzv-conf", "is_host=0", "--log-rule", rule, *work)
+    outs = [p.communicate(timeout=120)[0] for p in (a, b)]
+    assert [a.returncode, b.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
+    restarts = {e["node"]: e["reason"] for e in stalwart.events() if e["event"] == "restart"}
+    assert restarts.keys() == {"a", "b"}
+    assert restarts["a"] == "another node announced a restart"
+    assert "gen 1 step 8" in outs[0]
+
+
 def test_a_node_that_cannot_reach_its_store_at_start_hands_itself_over(
     stalwart: StalwartRunner, free_port: Any
 ) -> None:

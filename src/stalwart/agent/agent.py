@@ -42,6 +42,7 @@ from stalwart.agent import policy
 from stalwart.agent.api import AgentConfig, ScriptFailed
 from stalwart.agent.failures import WorkerFailure, exit_fault, format_failure
 from stalwart.agent.jobstore import JobStore
+from stalwart.agent.peers import PeerRestarts
 from stalwart.agent.policy import AgentState, Budget, Decision, Verdict
 from stalwart.agent.procs import ExitWatcher, OutputPump, make_launcher, stop_processes
 from stalwart.agent.rendezvous import backend_store
@@ -89,6 +90,7 @@ class StalwartAgent(SimpleElasticAgent):
         self._console_lock = threading.Lock()
         self._wake = threading.Event()  # a worker exited: look now, not at the next interval
         self._exits = ExitWatcher(self._on_worker_exit)
+        self._peers = PeerRestarts(self._jobstore.connect_apart, self._jobstore.restart_key, self._wake.set)
         self._state = AgentState.INIT
         self._generation = -1
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -262,6 +264,8 @@ class StalwartAgent(SimpleElasticAgent):
                 return result
             if decision is not None and decision[1].verdict is Verdict.RESTART:
                 self._restart(*decision)
+            elif self._peers.announced(self._generation):
+                self._restart(None, Decision(Verdict.RESTART, "another node announced a restart"))
             elif wg.spec.rdzv_handler.num_nodes_waiting() > 0:
                 self._restart(None, Decision(Verdict.RESTART, "another node is re-rendezvousing"))
             elif (ended := self._ended_by_another_node(wg)) is not None:
@@ -306,6 +310,14 @@ class StalwartAgent(SimpleElasticAgent):
                 best = (fault, d)
         return best
 
+    def _announce_restart(self) -> None:
+        if self._generation < 0:
+            return
+        try:
+            self._jobstore.announce_restart(self._generation, self.cfg.node)
+        except Exception as exc:  # the store is gone: the other nodes find out by polling
+            logger.debug("could not announce the restart: %s", exc)
+
     def _exit_fault(self) -> Fault:
         fault, self._root_cause = exit_fault(self._failures(), self._last_startup_sig, self.cfg.node)
         return fault
@@ -339,6 +351,7 @@ class StalwartAgent(SimpleElasticAgent):
     def _restart(self, fault: Fault | None, decision: Decision) -> None:
         wg = self._worker_group
         self._set_state(AgentState.RESTARTING)
+        self._announce_restart()  # before stopping the workers: the other nodes stop theirs meanwhile
         reason = fault.kind.value if fault is not None else "peer"
         started = fault.observed_at if fault is not None else time.time()
         self._incident_start = min(started, time.time())
@@ -413,6 +426,7 @@ class StalwartAgent(SimpleElasticAgent):
             self._generation = gen
             self._remaining_restarts = max(0, self.cfg.max_restarts - self._jobstore.restarts_used())
         self.metrics.generation.set(gen)
+        self._peers.follow(gen)
         self.timeline.emit(
             "rendezvous", gen, group_rank=worker_group.group_rank, world_size=worker_group.group_world_size
         )
@@ -505,8 +519,9 @@ class StalwartAgent(SimpleElasticAgent):
         live = [p for p in procs if p.poll() is None]
         if procs:
             stop_processes(procs, sig, self.cfg.restart_grace if grace is None else grace)
+        deadline = time.monotonic() + 2.0  # their output's last lines, at most 2 s in all
         for pump in self._pumps.values():
-            pump.join(timeout=2.0)
+            pump.join(timeout=max(0.0, deadline - time.monotonic()))
         for monitor in self.cfg.monitors:
             try:
                 monitor.stop()
@@ -524,6 +539,7 @@ class StalwartAgent(SimpleElasticAgent):
         self._jobstore.close_worker_store()
         self._launcher.close()
         self._exits.close()
+        self._peers.close()
         self._receiver.stop()
         if self._status is not None:
             self._status.stop()
@@ -554,6 +570,7 @@ class StalwartAgent(SimpleElasticAgent):
                 # This node asks to be replaced: the others wait in the rendezvous for the
                 # replacement instead of ending the job (closing it would fail them all).
                 shutdown_rdzv = False
+                self._announce_restart()  # the others go to the rendezvous now, not at a timeout
             if shutdown_rdzv:
                 if self._exit_code != policy.EXIT_OK:
                     self._record_end()

@@ -156,6 +156,29 @@ class JobStore:
         self._elections[generation] = chosen
         return chosen
 
+    def restart_key(self, generation: int) -> str:
+        """The key, in the job-wide store, of the announcement of a restart out of ``generation``."""
+        return self._key(f"restarting/{generation}")
+
+    def announce_restart(self, generation: int, node: str) -> None:
+        """Tell the other nodes that ``node`` restarts (or leaves) out of ``generation``: their
+        ``PeerRestarts`` wake them at once."""
+        self.base.set(self.restart_key(generation), node)
+
+    def connect_apart(self, timeout: timedelta = timedelta(seconds=30)) -> Store | None:
+        """A connection of its own to the job-wide store (a ``TCPStore``'s), for a thread that
+        blocks in ``wait``; None for other stores."""
+        base = self._base
+        if not isinstance(base, TCPStore) or base is self._local:
+            return None
+        return TCPStore(
+            base.host,
+            base.port,
+            is_master=False,
+            timeout=timeout,
+            use_libuv=getattr(base, "libuvBackend", False),
+        )
+
     def host_worker_store(self, round_store: Store, generation: int, host: str) -> tuple[str, int]:
         """On group rank 0: start a fresh TCPStore for the workers of ``generation`` and publish it."""
         self.close_worker_store()

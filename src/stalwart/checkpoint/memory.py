@@ -135,12 +135,38 @@ class MemoryTier:
 
 
 def pin(buf: torch.Tensor) -> None:
-    """Page-lock a shared-memory mapping for fast device copies (CUDA only; once per mapping)."""
+    """Page-lock a shared-memory mapping for fast device copies (CUDA only; once per mapping).
+    Where the kernel refuses (a mapping of a file on disk rather than tmpfs, say), copies still
+    work, through unpinned memory, and slower."""
     if not torch.cuda.is_available() or getattr(buf, "_stalwart_pinned", False):
         return
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
-    if int(err) == 0:
+    err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0))
+    if err == 0:
         buf._stalwart_pinned = True  # type: ignore[attr-defined]
+        return
+    global _pin_refused
+    if not _pin_refused:
+        _pin_refused = True
+        logger.warning(
+            "cannot page-lock the checkpoint's host buffer (cudaHostRegister returned CUDA error "
+            "%d); device copies go through unpinned memory. Put the memory tier on tmpfs "
+            "(shm_root, /dev/shm)",
+            err,
+        )
+    _take_cuda_error()
+
+
+_pin_refused = False
+
+
+def _take_cuda_error() -> None:
+    """A failed CUDA runtime call stays this thread's last error until it is read, and torch
+    reads it after its next kernel launch, which would then raise it as its own. A throwaway
+    launch reads it here."""
+    try:
+        torch.empty(1, dtype=torch.uint8, device="cuda").fill_(0)
+    except RuntimeError:
+        pass
 
 
 def unpin(buf: torch.Tensor) -> None:
