@@ -86,35 +86,11 @@ def _durable(root: Path) -> Checkpointer:
     return Checkpointer(str(root), CheckpointConfig(memory_tier=False, flush_on_sigterm=False))
 
 
-def test_gpu_state_round_trips_through_the_memory_tier_and_cold_from_disk(
-    tmp_path: Path, config: CheckpointConfig
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "async"])
+def test_a_save_keeps_its_steps_values_in_both_tiers_while_training_goes_on(
+    tmp_path: Path, config: CheckpointConfig, blocking: bool
 ) -> None:
     state = _gpu_state(1)
-    want = _map(state, lambda t: t.cpu().clone())
-    root = tmp_path / "ck"
-    ck = Checkpointer(str(root), config)
-    try:
-        ck.save(1, state, blocking=True)
-        assert _pinned(ck)
-        target = _map(state, torch.zeros_like)
-        assert ck.load_latest(target) == 1
-        _assert_equal(target, want)
-    finally:
-        ck.close(drop_memory=True)
-    _evict(root)
-    durable = _durable(root)
-    try:
-        target = _map(state, torch.zeros_like)
-        assert durable.load_latest(target) == 1
-        _assert_equal(target, want)
-    finally:
-        durable.close()
-
-
-def test_an_async_save_keeps_the_values_of_its_step_while_training_goes_on(
-    tmp_path: Path, config: CheckpointConfig
-) -> None:
-    state = _gpu_state(2)
     want = _map(state, lambda t: t.cpu().clone())
     root = tmp_path / "ck"
     ck = Checkpointer(str(root), config)
@@ -123,18 +99,18 @@ def test_an_async_save_keeps_the_values_of_its_step_while_training_goes_on(
         # queue behind them, and save() may return only once they are done (the persist reads
         # the buffer from another thread)
         torch.cuda._sleep(_GPU_BUSY_CYCLES)
-        ck.save(1, state)
+        ck.save(1, state, blocking=blocking)
         for tensor in (state["model"]["big"], state["model"]["half"], state["host"]):
             tensor.add_(1)  # the next step, at once
         ck.wait()
         assert _pinned(ck)
         target = _map(state, torch.zeros_like)
-        assert ck.load_latest(target) == 1
+        assert ck.load_latest(target) == 1  # the memory tier
         _assert_equal(target, want)
     finally:
         ck.close(drop_memory=True)
     _evict(root)
-    durable = _durable(root)
+    durable = _durable(root)  # a replaced node: the durable tier, cold, through the staged path
     try:
         target = _map(state, torch.zeros_like)
         assert durable.load_latest(target) == 1

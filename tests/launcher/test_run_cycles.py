@@ -329,7 +329,14 @@ def test_a_node_hears_another_nodes_restart_at_once(
     rule = json.dumps(
         {"name": "restart-b", "logPattern": "gen 0 step 3$", "faultOnMatch": True, "action": "restart"}
     )
-    work = [str(Path(__file__).parents[1] / "workers" / "no_collectives.py"), "--steps", "8"]
+    # generation 0 lasts 30 s unless a restart cuts it short
+    work = [
+        str(Path(__file__).parents[1] / "workers" / "no_collectives.py"),
+        "--steps",
+        "8",
+        "--gen0-steps",
+        "600",
+    ]
     a = _agent_on(
         stalwart, port, "peers", "a", 0, "--rdzv-conf", "is_host=0", "--monitor-interval", "600", *work
     )

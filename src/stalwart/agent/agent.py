@@ -42,7 +42,7 @@ from stalwart.agent import policy
 from stalwart.agent.api import AgentConfig, ScriptFailed
 from stalwart.agent.failures import WorkerFailure, exit_fault, format_failure
 from stalwart.agent.jobstore import JobStore
-from stalwart.agent.peers import PeerRestarts
+from stalwart.agent.peers import RESTART, PeerRestarts
 from stalwart.agent.policy import AgentState, Budget, Decision, Verdict
 from stalwart.agent.procs import ExitWatcher, OutputPump, make_launcher, stop_processes
 from stalwart.agent.rendezvous import backend_store
@@ -90,7 +90,7 @@ class StalwartAgent(SimpleElasticAgent):
         self._console_lock = threading.Lock()
         self._wake = threading.Event()  # a worker exited: look now, not at the next interval
         self._exits = ExitWatcher(self._on_worker_exit)
-        self._peers = PeerRestarts(self._jobstore.connect_apart, self._jobstore.restart_key, self._wake.set)
+        self._peers = PeerRestarts(self._jobstore.connect_apart, self._wake.set)
         self._state = AgentState.INIT
         self._generation = -1
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -311,12 +311,17 @@ class StalwartAgent(SimpleElasticAgent):
         return best
 
     def _announce_restart(self) -> None:
+        self._announce(RESTART)
+
+    def _announce(self, value: bytes) -> None:
+        """Tell the other nodes of this generation: ``RESTART`` (this node restarts or hands
+        over: come to the next round now), or ``b"end"`` (it leaves for good: stop watching)."""
         if self._generation < 0:
             return
         try:
-            self._jobstore.announce_restart(self._generation, self.cfg.node)
+            self._jobstore.announce(self._generation, self._worker_group.group_world_size or 1, value)
         except Exception as exc:  # the store is gone: the other nodes find out by polling
-            logger.debug("could not announce the restart: %s", exc)
+            logger.debug("could not tell the other nodes: %s", exc)
 
     def _exit_fault(self) -> Fault:
         fault, self._root_cause = exit_fault(self._failures(), self._last_startup_sig, self.cfg.node)
@@ -379,6 +384,7 @@ class StalwartAgent(SimpleElasticAgent):
 
     def _succeed(self, result: RunResult) -> RunResult:
         self._set_state(AgentState.SUCCEEDED)
+        self._announce(b"end")  # before the exit barrier: no node's watch outlives the store's host
         self._stop_workers(self._worker_group)
         self._exit_barrier()
         if self.cfg.post_train:
@@ -426,7 +432,7 @@ class StalwartAgent(SimpleElasticAgent):
             self._generation = gen
             self._remaining_restarts = max(0, self.cfg.max_restarts - self._jobstore.restarts_used())
         self.metrics.generation.set(gen)
-        self._peers.follow(gen)
+        self._peers.follow(gen, self._jobstore.wake_key(gen, worker_group.group_rank))
         self.timeline.emit(
             "rendezvous", gen, group_rank=worker_group.group_rank, world_size=worker_group.group_world_size
         )
@@ -440,6 +446,8 @@ class StalwartAgent(SimpleElasticAgent):
             self._procs.clear()
             self._exited_at.clear()
             self._wake.clear()
+        if self._peers.announced(gen):  # heard while the round completed or the script ran
+            self._wake.set()
         self._last_step.clear()
         self._first_step_seen = False
         self._gen_started = time.time()
@@ -539,7 +547,7 @@ class StalwartAgent(SimpleElasticAgent):
         self._jobstore.close_worker_store()
         self._launcher.close()
         self._exits.close()
-        self._peers.close()
+        self._peers.close(lambda key: self._jobstore.base.set(key, b"end"))
         self._receiver.stop()
         if self._status is not None:
             self._status.stop()
@@ -571,6 +579,8 @@ class StalwartAgent(SimpleElasticAgent):
                 # replacement instead of ending the job (closing it would fail them all).
                 shutdown_rdzv = False
                 self._announce_restart()  # the others go to the rendezvous now, not at a timeout
+            elif self._exit_code != policy.EXIT_OK:
+                self._announce(b"end")
             if shutdown_rdzv:
                 if self._exit_code != policy.EXIT_OK:
                     self._record_end()

@@ -44,6 +44,7 @@ class JobStore:
         self._worker_store: TCPStore | None = None
         self._local: Store | None = None
         self._elections: dict[int, bool] = {}  # generation -> whether this node hands over
+        self._static = False  # the static backend's rounds
 
     def _key(self, name: str) -> str:
         return f"{self._prefix}/{name}"
@@ -78,6 +79,7 @@ class JobStore:
                 self._local = HashStore()
             base = self._local
         self._base = base
+        self._static = not fresh_round
         if not fresh_round:
             joins = self._base.add(self._key("joins"), 1)
             return (joins - 1) // group_world_size
@@ -156,21 +158,22 @@ class JobStore:
         self._elections[generation] = chosen
         return chosen
 
-    def restart_key(self, generation: int) -> str:
-        """The key, in the job-wide store, of the announcement of a restart out of ``generation``."""
-        return self._key(f"restarting/{generation}")
+    def wake_key(self, generation: int, group_rank: int) -> str:
+        """Node ``group_rank``'s key, in the job-wide store, for news of ``generation`` from the
+        other nodes (``stalwart.agent.peers``)."""
+        return self._key(f"wake/{generation}/{group_rank}")
 
-    def announce_restart(self, generation: int, node: str) -> None:
-        """Tell the other nodes that ``node`` restarts (or leaves) out of ``generation``: their
-        ``PeerRestarts`` wake them at once."""
-        self.base.set(self.restart_key(generation), node)
+    def announce(self, generation: int, nodes: int, value: bytes) -> None:
+        """Write ``value`` under the wake key of each of the ``nodes`` nodes of ``generation``."""
+        for rank in range(nodes):
+            self.base.set(self.wake_key(generation, rank), value)
 
     def connect_apart(self, timeout: timedelta = timedelta(seconds=30)) -> Store | None:
         """A connection of its own to the job-wide store (a ``TCPStore``'s), for a thread that
         blocks in ``wait``; None for other stores."""
         base = self._base
-        if not isinstance(base, TCPStore) or base is self._local:
-            return None
+        if not isinstance(base, TCPStore) or base is self._local or self._static:
+            return None  # (static rounds can repeat a generation number: its keys would be stale)
         return TCPStore(
             base.host,
             base.port,

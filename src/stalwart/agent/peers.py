@@ -1,12 +1,14 @@
 """``PeerRestarts``: a node hears at once that another node restarts out of its generation.
 
-A node that restarts its workers (or hands itself over) announces it under a job-wide key
-(``JobStore.announce_restart``). Without this, the other nodes learn of it only when their own
-workers fail on the broken collective (NCCL's may hang until its timeout, minutes) or at their
-next ``--monitor-interval`` poll of the rendezvous (and only once the restarting node has
-stopped its workers and joined the next round). Here a thread blocks in the store's ``wait`` on
-the key of the generation this node runs, on a connection of its own (a waiting client blocks
-its connection), and wakes the agent's loop when it appears.
+A node that restarts its workers (or hands itself over) writes ``restart`` under every node's
+wake key of the generation it leaves (``JobStore.announce``). Without this, the other nodes
+learn of it only when their own workers fail on the broken collective (NCCL's may hang until its
+timeout, minutes) or at their next ``--monitor-interval`` poll of the rendezvous (and only once
+the restarting node has stopped its workers and joined the next round). Here a thread blocks in
+the store's ``wait`` on this node's key, on a connection of its own (a waiting client blocks its
+connection), and wakes the agent's loop when ``restart`` arrives. A node that leaves for good
+writes ``end`` instead, and ``close`` writes it under this node's own key: no thread is left
+blocked in the store (whose host may exit at any time after) when the process exits.
 """
 
 from __future__ import annotations
@@ -18,35 +20,36 @@ from datetime import timedelta
 
 from torch.distributed import Store
 
-__all__ = ["PeerRestarts"]
+__all__ = ["RESTART", "PeerRestarts"]
 
 logger = logging.getLogger(__name__)
+
+RESTART = b"restart"  # the value that asks the other nodes to restart; anything else ends the wait
 
 # A wait that times out makes torch log two warnings: wait long, and wait again.
 _WAIT = timedelta(hours=12)
 
 
 class PeerRestarts:
-    """Follows the announcements of one generation at a time (``follow``); ``announced(gen)``
-    says whether one came. ``connect()`` opens the thread's own store connection, or returns
-    None where the rendezvous has no such store (the agent's polling is all there is then)."""
+    """Follows one generation at a time (``follow(gen, key)``: this node's wake key in it);
+    ``announced(gen)`` says whether a restart out of it was announced. ``connect()`` opens the
+    thread's own store connection, or returns None where the rendezvous has none (the agent's
+    polling is all there is then)."""
 
-    def __init__(
-        self, connect: Callable[[], Store | None], key: Callable[[int], str], wake: Callable[[], None]
-    ) -> None:
+    def __init__(self, connect: Callable[[], Store | None], wake: Callable[[], None]) -> None:
         self._connect = connect
-        self._key = key
         self._wake = wake
         self._cond = threading.Condition()
-        self._following: int | None = None
+        self._following: tuple[int, str] | None = None
+        self._waiting: str | None = None  # the key the thread waits on now
         self._announced: set[int] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def follow(self, generation: int) -> None:
-        """Watch for a restart out of ``generation`` (the one this node now runs)."""
+    def follow(self, generation: int, key: str) -> None:
+        """Watch ``key``, this node's wake key in ``generation`` (the one it now runs)."""
         with self._cond:
-            self._following = generation
+            self._following = (generation, key)
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name="stalwart-peer-restarts", daemon=True)
                 self._thread.start()
@@ -56,12 +59,20 @@ class PeerRestarts:
         with self._cond:
             return generation in self._announced
 
-    def close(self) -> None:
-        """Stop following. A wait under way ends with its key or its connection (a daemon
-        thread: nothing to join)."""
+    def close(self, release: Callable[[str], None]) -> None:
+        """Stop following; ``release(key)`` writes a value other than ``RESTART`` under the key
+        the thread waits on, and the thread is joined (bounded)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            waiting, thread = self._waiting, self._thread
+        if waiting is not None:
+            try:
+                release(waiting)
+            except Exception as exc:  # the store is gone: so is the thread's wait
+                logger.debug("could not release the restart watch: %s", exc)
+        if thread is not None:
+            thread.join(timeout=5.0)
 
     def _run(self) -> None:
         try:
@@ -71,21 +82,30 @@ class PeerRestarts:
             return
         if store is None:
             return
+        done: str | None = None  # the key whose wait ended: wait again only for a new one
         while True:
             with self._cond:
-                while not self._closed and (self._following is None or self._following in self._announced):
+                while not self._closed and (self._following is None or self._following[1] == done):
                     self._cond.wait()
                 if self._closed:
                     return
-                generation = self._following
-            assert generation is not None
+                assert self._following is not None
+                generation, key = self._following
+                self._waiting = key
             try:
-                store.wait([self._key(generation)], _WAIT)
+                store.wait([key], _WAIT)
+                value = store.get(key)
             except Exception as exc:
-                if "timeout" in str(exc).lower():
+                with self._cond:
+                    self._waiting = None
+                if "timeout" in str(exc).lower() and not self._closed:
                     continue
                 logger.debug("stopped watching for other nodes' restarts: %s", exc)  # the store went
                 return
+            done = key
             with self._cond:
-                self._announced.add(generation)
-            self._wake()
+                self._waiting = None
+                if value == RESTART:
+                    self._announced.add(generation)
+            if value == RESTART:
+                self._wake()

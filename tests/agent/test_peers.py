@@ -1,0 +1,76 @@
+"""``PeerRestarts`` over a real TCPStore: a node hears another node's restart, and nothing else."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+from torch.distributed import PrefixStore, TCPStore
+
+from stalwart.agent.jobstore import JobStore
+from stalwart.agent.peers import RESTART, PeerRestarts
+
+
+def _server() -> TCPStore:
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+
+
+def _node(server: TCPStore) -> JobStore:
+    js = JobStore("job")
+    js._base = TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=10))
+    return js
+
+
+def _watch(js: JobStore) -> tuple[PeerRestarts, threading.Event]:
+    woken = threading.Event()
+    return PeerRestarts(js.connect_apart, woken.set), woken
+
+
+def test_a_restart_announced_by_another_node_wakes_this_one_for_that_generation_only() -> None:
+    server = _server()
+    me, other = _node(server), _node(server)
+    peers, woken = _watch(me)
+    try:
+        peers.follow(4, me.wake_key(4, 1))
+        other.announce(3, 2, RESTART)  # an older generation's news
+        other.announce(4, 2, RESTART)
+        assert woken.wait(10), "the announcement did not wake this node"
+        assert peers.announced(4) and not peers.announced(3)
+        woken.clear()
+        peers.follow(5, me.wake_key(5, 1))  # the next round
+        other.announce(5, 2, b"end")  # the other node left for good: no restart
+        other.announce(6, 2, RESTART)
+        peers.follow(6, me.wake_key(6, 1))
+        assert woken.wait(10)
+        assert not peers.announced(5) and peers.announced(6)
+    finally:
+        peers.close(lambda key: me.base.set(key, b"end"))
+
+
+def test_close_releases_the_thread_blocked_in_the_store() -> None:
+    server = _server()
+    me = _node(server)
+    peers, woken = _watch(me)
+    peers.follow(0, me.wake_key(0, 0))
+    deadline = time.monotonic() + 10
+    while peers._waiting is None:  # until the thread waits on its key
+        assert time.monotonic() < deadline, "the watch thread never waited"
+        time.sleep(0.01)
+    thread = peers._thread
+    assert thread is not None and thread.is_alive()
+    peers.close(lambda key: me.base.set(key, b"end"))
+    assert not thread.is_alive(), "the watch thread is still blocked in the store"
+    assert not woken.is_set() and not peers.announced(0)
+
+
+def test_no_thread_where_the_store_cannot_be_watched() -> None:
+    js = JobStore("job")
+    js.sync_generation(PrefixStore("job", _server()), 0, 1, fresh_round=False)  # static rounds
+    peers, _ = _watch(js)
+    peers.follow(0, js.wake_key(0, 0))
+    thread = peers._thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()  # connect_apart gave None: it ended at once
+    peers.close(lambda key: None)
