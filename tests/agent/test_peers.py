@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from torch.distributed import PrefixStore, TCPStore
@@ -20,6 +21,13 @@ def _node(server: TCPStore) -> JobStore:
     js = JobStore("job")
     js._base = TCPStore("127.0.0.1", server.port, is_master=False, timeout=timedelta(seconds=10))
     return js
+
+
+def _until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def _watch(js: JobStore) -> tuple[PeerRestarts, threading.Event]:
@@ -39,11 +47,14 @@ def test_a_restart_announced_by_another_node_wakes_this_one_for_that_generation_
         assert peers.announced(4) and not peers.announced(3)
         woken.clear()
         peers.follow(5, me.wake_key(5, 1))  # the next round
+        _until(lambda: peers._waiting == me.wake_key(5, 1), "the thread to wait on generation 5")
         other.announce(5, 2, b"end")  # the other node left for good: no restart
+        _until(lambda: peers._waiting is None, "the thread to read generation 5's news")
+        assert not woken.is_set() and not peers.announced(5)
         other.announce(6, 2, RESTART)
         peers.follow(6, me.wake_key(6, 1))
         assert woken.wait(10)
-        assert not peers.announced(5) and peers.announced(6)
+        assert peers.announced(6)
     finally:
         peers.close(lambda key: me.base.set(key, b"end"))
 
@@ -53,10 +64,7 @@ def test_close_releases_the_thread_blocked_in_the_store() -> None:
     me = _node(server)
     peers, woken = _watch(me)
     peers.follow(0, me.wake_key(0, 0))
-    deadline = time.monotonic() + 10
-    while peers._waiting is None:  # until the thread waits on its key
-        assert time.monotonic() < deadline, "the watch thread never waited"
-        time.sleep(0.01)
+    _until(lambda: peers._waiting is not None, "the thread to wait on its key")
     thread = peers._thread
     assert thread is not None and thread.is_alive()
     peers.close(lambda key: me.base.set(key, b"end"))

@@ -119,6 +119,8 @@ def test_a_crash_on_the_second_node_restarts_both_nodes(stalwart: StalwartRunner
     # the job-wide budget counted the incident once although both nodes restarted
     used = {e["node"]: e["used"] for e in stalwart.events() if e["event"] == "budget"}
     assert used == {"a": 1, "b": 1}
+    for out in outs:  # a hosts the store: nothing on either node is left blocked in it at exit
+        assert "terminate called" not in out and "recvValueWithTimeout" not in out
 
 
 @pytest.mark.slow
@@ -347,6 +349,8 @@ def test_a_node_hears_another_nodes_restart_at_once(
     assert restarts.keys() == {"a", "b"}
     assert restarts["a"] == "another node announced a restart"
     assert "gen 1 step 8" in outs[0]
+    for out in outs:  # nothing left blocked in the store when its host went
+        assert "terminate called" not in out and "recvValueWithTimeout" not in out
 
 
 def test_a_node_that_cannot_reach_its_store_at_start_hands_itself_over(

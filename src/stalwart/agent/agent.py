@@ -356,7 +356,6 @@ class StalwartAgent(SimpleElasticAgent):
     def _restart(self, fault: Fault | None, decision: Decision) -> None:
         wg = self._worker_group
         self._set_state(AgentState.RESTARTING)
-        self._announce_restart()  # before stopping the workers: the other nodes stop theirs meanwhile
         reason = fault.kind.value if fault is not None else "peer"
         started = fault.observed_at if fault is not None else time.time()
         self._incident_start = min(started, time.time())
@@ -367,6 +366,9 @@ class StalwartAgent(SimpleElasticAgent):
             _, used = self._jobstore.claim_restart(self._generation)
         else:
             used = self._jobstore.restarts_used()
+        # after the claim (the others read the budget it spent), before stopping the workers (the
+        # other nodes stop theirs meanwhile)
+        self._announce_restart()
         if decision.rung is policy.Rung.STARTUP_RETRY and fault is not None:
             self._startup_retries -= 1
         if fault is not None and fault.evidence.get("startup"):
@@ -543,11 +545,13 @@ class StalwartAgent(SimpleElasticAgent):
         return bool(self._procs) and all(p.poll() == 0 for p in self._procs.values())
 
     def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: int = 30) -> None:
+        # first: whatever fails below, no thread may be left blocked in the store at exit (torch
+        # aborts the process when the store's host goes then)
+        self._peers.close(lambda key: self._jobstore.base.set(key, b"end"))
         self._stop_workers(self._worker_group, death_sig, self.cfg.shutdown_timeout)
         self._jobstore.close_worker_store()
         self._launcher.close()
         self._exits.close()
-        self._peers.close(lambda key: self._jobstore.base.set(key, b"end"))
         self._receiver.stop()
         if self._status is not None:
             self._status.stop()
@@ -579,7 +583,7 @@ class StalwartAgent(SimpleElasticAgent):
                 # replacement instead of ending the job (closing it would fail them all).
                 shutdown_rdzv = False
                 self._announce_restart()  # the others go to the rendezvous now, not at a timeout
-            elif self._exit_code != policy.EXIT_OK:
+            else:  # success, failure, a signal, an error of the agent's own
                 self._announce(b"end")
             if shutdown_rdzv:
                 if self._exit_code != policy.EXIT_OK:

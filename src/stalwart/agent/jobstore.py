@@ -168,7 +168,7 @@ class JobStore:
         for rank in range(nodes):
             self.base.set(self.wake_key(generation, rank), value)
 
-    def connect_apart(self, timeout: timedelta = timedelta(seconds=30)) -> Store | None:
+    def connect_apart(self, timeout: timedelta = timedelta(seconds=3)) -> Store | None:
         """A connection of its own to the job-wide store (a ``TCPStore``'s), for a thread that
         blocks in ``wait``; None for other stores."""
         base = self._base
