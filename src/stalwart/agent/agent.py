@@ -88,7 +88,7 @@ class StalwartAgent(SimpleElasticAgent):
         self._launcher = make_launcher(config.standby, config.standby_preload, config.worker_env)
         self._lock = threading.Lock()
         self._console_lock = threading.Lock()
-        self._wake = threading.Event()  # a worker exited: look now, not at the next interval
+        self._wake = threading.Event()  # a worker exited or a peer restarts: look now
         self._exits = ExitWatcher(self._on_worker_exit)
         self._peers = PeerRestarts(self._jobstore.connect_apart, self._wake.set)
         self._state = AgentState.INIT
@@ -310,9 +310,6 @@ class StalwartAgent(SimpleElasticAgent):
                 best = (fault, d)
         return best
 
-    def _announce_restart(self) -> None:
-        self._announce(RESTART)
-
     def _announce(self, value: bytes) -> None:
         """Tell the other nodes of this generation: ``RESTART`` (this node restarts or hands
         over: come to the next round now), or ``b"end"`` (it leaves for good: stop watching)."""
@@ -368,7 +365,7 @@ class StalwartAgent(SimpleElasticAgent):
             used = self._jobstore.restarts_used()
         # after the claim (the others read the budget it spent), before stopping the workers (the
         # other nodes stop theirs meanwhile)
-        self._announce_restart()
+        self._announce(RESTART)
         if decision.rung is policy.Rung.STARTUP_RETRY and fault is not None:
             self._startup_retries -= 1
         if fault is not None and fault.evidence.get("startup"):
@@ -582,7 +579,7 @@ class StalwartAgent(SimpleElasticAgent):
                 # This node asks to be replaced: the others wait in the rendezvous for the
                 # replacement instead of ending the job (closing it would fail them all).
                 shutdown_rdzv = False
-                self._announce_restart()  # the others go to the rendezvous now, not at a timeout
+                self._announce(RESTART)  # the others go to the rendezvous now, not at a timeout
             else:  # success, failure, a signal, an error of the agent's own
                 self._announce(b"end")
             if shutdown_rdzv:

@@ -127,9 +127,8 @@ class JobStore:
         """
         if generation in self._elections:  # several faults of one incident: one say each node
             return self._elections[generation]
-        if (
-            self._local is not None and self._base is self._local
-        ):  # no job-wide store: every node counts (and ends) alone
+        if self._local is not None and self._base is self._local:
+            # no job-wide store: every node counts (and ends) alone
             self._elections[generation] = self.claim_handover(generation)
             return self._elections[generation]
         count = self._key(f"handover/{generation}/count")
