@@ -624,3 +624,33 @@ def test_a_file_in_the_page_cache_is_read_there_and_an_evicted_one_directly(
     assert np.array_equal(into, payload)
     assert len(calls) == 1
     storage.close()
+
+
+def test_a_failed_plain_read_returns_only_once_no_read_still_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as on S3: read_into raises only after every block it started has stopped writing
+    from stalwart.checkpoint import storage_posix
+
+    (tmp_path / "f.bin").write_bytes(bytes(3 << 20))
+    monkeypatch.setattr(storage_posix, "_BLOCK", 1 << 20)
+    release, finished = threading.Event(), threading.Event()
+    real = storage_posix._pread_all
+
+    def held(fd: int, view: memoryview, offset: int, name: str) -> None:
+        if offset == 1 << 20:  # a slow block, still under way when another one fails
+            release.wait(10)
+            real(fd, view, offset, name)
+            finished.set()
+            return
+        real(fd, view, offset, name)
+
+    monkeypatch.setattr(storage_posix, "_pread_all", held)
+    storage = PosixStorage(str(tmp_path), threads=4)
+    threading.Timer(1.0, release.set).start()  # with the bug, read_into raises before this
+    with pytest.raises(CheckpointCorrupt, match="truncated"):
+        storage.read_into(
+            "f.bin", [(8 << 20, memoryview(bytearray(10))), (0, memoryview(bytearray(3 << 20)))]
+        )
+    assert finished.is_set(), "read_into raised while a read was still writing into the buffer"
+    storage.close()

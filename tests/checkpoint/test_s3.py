@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
+import tracemalloc
 import uuid
+from typing import Any
 
 import pytest
 import torch
 
-from stalwart.checkpoint import CheckpointConfig, Checkpointer, committed_steps
+from stalwart.checkpoint import CheckpointConfig, Checkpointer, committed_steps, storage_s3
 from stalwart.checkpoint.storage_s3 import S3Storage
 from stalwart.errors import CheckpointError
 
@@ -125,3 +128,64 @@ def test_gc_aborts_only_uploads_older_than_a_save_could_be_and_reads_every_page(
     assert storage.abort_uploads(older_than_s=0, page_size=2) == 5  # three pages
     left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert [u["Key"] for u in left] == ["elsewhere/x"]
+
+
+def test_a_failed_ranged_read_returns_only_once_no_read_still_writes(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a load that fails on one range falls back to an older checkpoint into the same tensors:
+    # no GET of the failed load may still be writing into them when read_into raises
+    bucket = moto.make_bucket(f"ri-{uuid.uuid4().hex[:8]}")
+    storage = S3Storage(f"s3://{bucket}/p", endpoint_url=moto.endpoint, part_size=5 << 20, **CREDENTIALS)
+    storage.write("f.bin", [memoryview(bytes(15 << 20))])
+    release, finished = threading.Event(), threading.Event()
+    real = storage._get_range
+
+    def held(key: str, what: str, offset: int, view: memoryview) -> None:
+        if offset == 5 << 20:  # a slow range: still under way when another one fails
+            release.wait(10)
+            real(key, what, offset, view)
+            finished.set()
+            return
+        real(key, what, offset, view)
+
+    monkeypatch.setattr(storage, "_get_range", held)
+    buf = bytearray(15 << 20)
+    past_the_end = bytearray(1 << 20)
+    threading.Timer(1.0, release.set).start()  # with the bug, read_into raises before this
+    with pytest.raises(CheckpointError, match="truncated"):
+        storage.read_into("f.bin", [(20 << 20, memoryview(past_the_end)), (0, memoryview(buf))])
+    assert finished.is_set(), "read_into raised while a ranged GET was still writing into the buffer"
+    storage.close()
+
+
+def test_a_multipart_upload_holds_only_the_parts_in_flight(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each part's body is copied when its upload starts, not all at once before the first
+    bucket = moto.make_bucket(f"mp-{uuid.uuid4().hex[:8]}")
+    storage = S3Storage(
+        f"s3://{bucket}/p", endpoint_url=moto.endpoint, part_size=5 << 20, threads=2, **CREDENTIALS
+    )
+    held: list[int] = []  # bytes allocated by the storage module while each part uploads
+    real = storage._call
+
+    def spied(op: str, what: str, **kwargs: Any) -> Any:
+        if op == "upload_part":
+            snapshot = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(True, storage_s3.__file__)]
+            )
+            held.append(sum(stat.size for stat in snapshot.statistics("filename")))
+        return real(op, what, **kwargs)
+
+    monkeypatch.setattr(storage, "_call", spied)
+    shard = bytes(range(256)) * (320 << 10)  # 80 MiB: 16 parts
+    tracemalloc.start()
+    try:
+        storage.write("f.bin", [memoryview(shard)])
+    finally:
+        tracemalloc.stop()
+    assert len(held) == 16
+    assert max(held) <= 4 * (5 << 20) + (1 << 20), f"{max(held) >> 20} MiB of part bodies at once"
+    assert storage.read("f.bin") == shard
+    storage.close()

@@ -197,14 +197,23 @@ class PosixStorage:
     def read_into(self, path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
         target = self._abs(path)
         fd = os.open(target, os.O_RDONLY)
+        jobs: list[Future[None]] = []
         try:
-            jobs = []
             for offset, buf in requests:
                 view = memoryview(buf).cast("B")
                 for i in range(0, len(view), _BLOCK):
                     jobs.append(self._pool.submit(_pread_all, fd, view[i : i + _BLOCK], offset + i, target))
             for job in jobs:
                 job.result()
+        except BaseException:
+            # no read may still write into the caller's buffers (a load falls back to an older
+            # checkpoint into the same tensors) or use the descriptor once it is closed
+            for job in jobs:
+                job.cancel()
+            for job in jobs:
+                with contextlib.suppress(BaseException):
+                    job.result()
+            raise
         finally:
             os.close(fd)
 

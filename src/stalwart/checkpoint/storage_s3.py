@@ -9,10 +9,12 @@ overwrite an existing manifest, the object-store equivalent of an atomic create.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -21,6 +23,8 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
 
 __all__ = ["S3Storage"]
+
+_T = TypeVar("_T")
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
@@ -59,6 +63,7 @@ class S3Storage:
         )
         self._s3 = client or boto3.client("s3", endpoint_url=endpoint_url, config=config, **client_kwargs)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="stalwart-s3")
+        self._window = 2 * max(1, threads)  # transfers in flight or queued: bounds the part copies
         self._call("head_bucket", self.uri, Bucket=bucket)
 
     def _key(self, path: str) -> str:
@@ -111,23 +116,21 @@ class S3Storage:
                 (i + 1, start, min(start + self.part_size, total))
                 for i, start in enumerate(range(0, total, self.part_size))
             ]
-            jobs = [
-                self._pool.submit(
-                    self._call,
+
+            def upload_part(number: int, start: int, end: int) -> dict[str, Any]:
+                body = _gather(views, start, end)  # copied here: only the parts in flight exist
+                part = self._call(
                     "upload_part",
                     what,
                     Bucket=self.bucket,
                     Key=key,
                     UploadId=upload,
                     PartNumber=number,
-                    Body=_gather(views, start, end),
+                    Body=body,
                 )
-                for number, start, end in ranges
-            ]
-            parts = [
-                {"PartNumber": n, "ETag": job.result()["ETag"]}
-                for (n, _, _), job in zip(ranges, jobs, strict=True)
-            ]
+                return {"PartNumber": number, "ETag": part["ETag"]}
+
+            parts = self._in_parallel(lambda r=r: upload_part(*r) for r in ranges)
             self._call(
                 "complete_multipart_upload",
                 what,
@@ -157,15 +160,36 @@ class S3Storage:
     def read_into(self, path: str, requests: Sequence[tuple[int, memoryview]]) -> None:
         key = self._key(path)
         what = f"s3://{self.bucket}/{key}"
-        jobs = []
+        ranges = []
         for offset, buf in requests:
             view = memoryview(buf).cast("B")
-            for i in range(0, len(view), self.part_size):
-                jobs.append(
-                    self._pool.submit(self._get_range, key, what, offset + i, view[i : i + self.part_size])
-                )
-        for job in jobs:
-            job.result()
+            ranges += [
+                (offset + i, view[i : i + self.part_size]) for i in range(0, len(view), self.part_size)
+            ]
+        self._in_parallel(lambda r=r: self._get_range(key, what, *r) for r in ranges)
+
+    def _in_parallel(self, tasks: Iterable[Callable[[], _T]]) -> list[_T]:
+        """Run ``tasks`` on the pool, at most ``_window`` at a time; their results in order. The
+        first failure is raised once no task runs any more: none still writes into a buffer the
+        caller reuses (a load falls back to an older checkpoint into the same tensors), and no
+        part is still uploading when the upload is aborted."""
+        results: list[_T] = []
+        running: deque[Future[_T]] = deque()
+        try:
+            for task in tasks:
+                if len(running) >= self._window:
+                    results.append(running.popleft().result())
+                running.append(self._pool.submit(task))
+            while running:
+                results.append(running.popleft().result())
+        except BaseException:
+            for job in running:
+                job.cancel()
+            for job in running:
+                with contextlib.suppress(BaseException):
+                    job.result()
+            raise
+        return results
 
     def _get_range(self, key: str, what: str, offset: int, view: memoryview) -> None:
         end = offset + len(view) - 1
