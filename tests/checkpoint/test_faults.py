@@ -105,8 +105,12 @@ def test_a_restarted_worker_reloads_from_the_memory_tier(
     assert not (Path(shm) / "stalwart-worker").exists()
 
 
-def test_sigterm_flushes_the_save_in_flight_before_the_process_exits(tmp_path: Path, worker) -> None:  # type: ignore[no-untyped-def]
-    proc = worker("sigterm")
+@pytest.mark.parametrize("mode", ["sigterm", "sigterm-after-other-closed"])
+def test_sigterm_flushes_the_save_in_flight_before_the_process_exits(
+    tmp_path: Path, worker, mode: str
+) -> None:  # type: ignore[no-untyped-def]
+    # sigterm-after-other-closed: closing a Checkpointer made earlier leaves this one's handler
+    proc = worker(mode)
     _wait_for(worker.marker / "writing", proc)
     os.kill(proc.pid, signal.SIGTERM)
     (worker.marker / "go").touch()

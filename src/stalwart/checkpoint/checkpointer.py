@@ -569,13 +569,14 @@ class Checkpointer:
             return dataclasses.replace(ref, committed=True), None
         written.result()
         part = self._part(step, attempt, name, layout.durable_header, durable, crcs, job.values)
+        if self.rank == 0:
+            self._ours = self._ours | {step}  # before the commit: a purge that lists it knows it
         self._publish(self.storage, step, attempt, part)
         if self.rank == 0:
             self._metrics.last_step.set(step)
             seconds = round(time.perf_counter() - job.started, 4)
             event("checkpoint_saved", step=step, uri=self.storage.uri, seconds=seconds)
-            self._ours = self._ours | {step}
-            self._purges.append(self._purge.submit(self._retain, step, job.skipped, self._ours))
+            self._purges.append(self._purge.submit(self._retain, step, job.skipped))
         self._metrics.saves.inc()
         return ref, part
 
@@ -603,7 +604,7 @@ class Checkpointer:
                 mirror.write(f"{directory}/{part.file_name}", job.durable_shard())
             self._publish(mirror, step, attempt, part)
             if self.rank == 0:
-                self._apply_retention(mirror, step, job.skipped, self._ours)
+                self._apply_retention(mirror, step, job.skipped)
         except Exception as exc:
             logger.warning(
                 "copying checkpoint step %d to the mirror %s failed (%s still holds it): %s",
@@ -645,17 +646,20 @@ class Checkpointer:
         )
         commit_step(storage, merge_parts(step, attempt, parts))
 
-    def _apply_retention(
-        self, storage: Storage, step: int, skipped: frozenset[int], ours: frozenset[int]
-    ) -> None:
+    def _apply_retention(self, storage: Storage, step: int, skipped: frozenset[int]) -> None:
         """The keep rules on ``storage``, judged against ``step``, the step just committed there."""
         apply_retention(
-            storage, self.config.keep_last, self.config.keep_every, newest=step, superseded=skipped, ours=ours
+            storage,
+            self.config.keep_last,
+            self.config.keep_every,
+            newest=step,
+            superseded=skipped,
+            ours=lambda: self._ours,
         )
 
-    def _retain(self, step: int, skipped: frozenset[int], ours: frozenset[int]) -> None:
+    def _retain(self, step: int, skipped: frozenset[int]) -> None:
         try:
-            self._apply_retention(self.storage, step, skipped, ours)
+            self._apply_retention(self.storage, step, skipped)
         except Exception as exc:  # a listing that fails must not fail the next wait()
             logger.warning("checkpoint retention in %s failed: %s", self.storage.uri, exc)
 
@@ -839,7 +843,13 @@ class Checkpointer:
             if close is not None:
                 close()
         atexit.unregister(self._at_exit)
-        if self._prev_sigterm is not None and threading.current_thread() is threading.main_thread():
+        # the handler goes back only if this one's is still the current one: a handler installed
+        # later (another Checkpointer's) calls this one's, which now only passes the signal on
+        if (
+            self._prev_sigterm is not None
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == self._on_sigterm
+        ):
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signal.SIGTERM, self._prev_sigterm)
             self._prev_sigterm = None
@@ -871,9 +881,10 @@ class Checkpointer:
         if self._main_depth:
             self._term = (signum, frame)  # the save() or wait() under way flushes when it ends
             return
-        logger.warning("SIGTERM: flushing %d checkpoint save(s) in flight", len(self._pending))
-        with contextlib.suppress(Exception):
-            self._drain()
+        if not self._closed:
+            logger.warning("SIGTERM: flushing %d checkpoint save(s) in flight", len(self._pending))
+            with contextlib.suppress(Exception):
+                self._drain()
         previous = self._prev_sigterm
         if callable(previous):
             previous(signum, frame)

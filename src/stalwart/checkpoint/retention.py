@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
 
 from stalwart.checkpoint.api import MANIFEST_NAME, Storage, parse_step_dir, step_dir
 
@@ -63,15 +64,17 @@ def apply_retention(
     *,
     newest: int | None = None,
     superseded: frozenset[int] = frozenset(),
-    ours: frozenset[int] = frozenset(),
+    ours: Callable[[], Collection[int]] = frozenset,
     dry_run: bool = False,
 ) -> list[int]:
     """Delete what ``plan_retention`` names; the steps removed (or that would be). Committed steps
-    above ``newest`` that are neither ``superseded`` nor ``ours`` (this run committed them since)
-    are named in a warning, once."""
+    above ``newest`` that are neither ``superseded`` nor in ``ours()`` (the steps this run
+    committed, asked after the listing: a purge can run after later saves) are named in a
+    warning, once."""
     committed, incomplete = committed_steps(storage)
+    mine = ours()
     ahead = tuple(
-        s for s in committed if newest is not None and s > newest and s not in superseded and s not in ours
+        s for s in committed if newest is not None and s > newest and s not in superseded and s not in mine
     )
     if ahead and (storage.uri, ahead) not in _warned_ahead:
         _warned_ahead.add((storage.uri, ahead))

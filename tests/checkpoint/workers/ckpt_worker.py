@@ -6,6 +6,8 @@
 --mode sigterm-in-wait  the same, with the main thread inside ck.wait() when SIGTERM comes
 --mode sigterm-in-save  the same, with the main thread inside save(2), waiting for save 1's slot
 --mode sigterm-in-copy  SIGTERM arrives while save(1) copies the snapshot on the main thread
+--mode sigterm-after-other-closed
+                        as sigterm, after another Checkpointer made before this one was closed
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main() -> None:
         "sigterm-in-wait",
         "sigterm-in-save",
         "sigterm-in-copy",
+        "sigterm-after-other-closed",
     ]
     parser.add_argument("--mode", required=True, choices=modes)
     args = parser.parse_args()
@@ -75,7 +78,10 @@ def main() -> None:
         sys.stdout.flush()
         os._exit(0)
     stall = {"hang-in-write": 2, "sigterm-in-copy": 99}.get(args.mode, 1)
+    other = Checkpointer(args.root + "-other", config) if args.mode == "sigterm-after-other-closed" else None
     ck = Checkpointer(args.root, config, storage=StallingStorage(args.root, args.marker, stall))
+    if other is not None:
+        other.close()  # its SIGTERM handler was installed first: ck's must stay
     if args.mode == "hang-in-write":
         ck.save(1, state(1), blocking=True)
         ck.save(2, state(2))
