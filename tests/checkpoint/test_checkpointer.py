@@ -504,6 +504,41 @@ def test_a_corrupt_memory_snapshot_falls_back_to_the_durable_tier(
     ck.close(drop_memory=True)
 
 
+def test_a_state_loaded_into_an_empty_dict_keeps_its_empty_dicts_lists_and_tuples(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    t = torch.arange(6.0)
+    fresh_opt = torch.optim.Adam(torch.nn.Linear(4, 2).parameters())  # no step yet: "state": {}
+    saved = {
+        "optimizer": fresh_opt.state_dict(),
+        "nested": {"a": {"b": {}}},
+        "rng": [t, t + 1],  # torch.cuda.get_rng_state_all() is a list of tensors
+        "pair": (t + 2, {"x": t + 3}),
+        "grid": [[t, t + 4], [t + 5]],
+        "mixed": [{"w": t + 6}, {}],
+        "labels": ["a", "b"],  # no tensors: a value
+    }
+    ck = Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False), distributed=False)
+    ck.save(1, saved, blocking=True)
+    ck.close()
+    loaded: dict[str, Any] = {}
+    assert Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False)).load_latest(loaded) == 1
+    assert loaded["optimizer"]["state"] == {} and loaded["nested"] == {"a": {"b": {}}}
+    assert type(loaded["rng"]) is list and [x.tolist() for x in loaded["rng"]] == [
+        t.tolist(),
+        (t + 1).tolist(),
+    ]
+    assert type(loaded["pair"]) is tuple and torch.equal(loaded["pair"][1]["x"], t + 3)
+    assert [[x[0].item() for x in row] for row in loaded["grid"]] == [[0.0, 4.0], [5.0]]
+    assert type(loaded["mixed"]) is list and loaded["mixed"][1] == {}
+    assert torch.equal(loaded["mixed"][0]["w"], t + 6) and loaded["labels"] == ["a", "b"]
+    torch.optim.Adam(torch.nn.Linear(4, 2).parameters()).load_state_dict(loaded["optimizer"])
+    # a state that has its own container at a path keeps it
+    mine: dict[str, Any] = {"rng": {"0": torch.zeros(6), "1": torch.zeros(6)}}
+    assert Checkpointer(str(tmp_path / "ck"), _cfg(config, memory_tier=False)).load_latest(mine) == 1
+    assert isinstance(mine["rng"], dict) and torch.equal(mine["rng"]["1"], t + 1)
+
+
 def test_an_optimizer_state_dict_loads_into_an_empty_dict_with_its_int_keys(
     tmp_path: Path, config: CheckpointConfig
 ) -> None:

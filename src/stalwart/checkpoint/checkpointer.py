@@ -52,9 +52,11 @@ from stalwart.checkpoint.api import (
 )
 from stalwart.checkpoint.commit import commit_step, merge_parts, part_record, wait_for_parts
 from stalwart.checkpoint.format import (
+    CONTAINERS_KEY,
     Layout,
     Piece,
     as_bytes,
+    containers,
     crc_slices,
     crc_slices_copy,
     flatten,
@@ -444,6 +446,9 @@ class Checkpointer:
                 local, global_shape, box = local_box(value)
                 durable = saves_piece(value, self.rank)
                 pieces.append(Piece(leaf.path, local, global_shape, box.offsets, durable=durable))
+        shapes = containers(state)
+        if shapes:
+            values[CONTAINERS_KEY] = shapes
         return pieces, snapshot_values(values)
 
     def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:

@@ -29,12 +29,14 @@ from stalwart.errors import CheckpointCorrupt, CheckpointError
 
 __all__ = [
     "CHUNK_BYTES",
+    "CONTAINERS_KEY",
     "CRC32C_LIBRARY",
     "Layout",
     "Leaf",
     "Piece",
     "SliceCrcs",
     "as_bytes",
+    "containers",
     "copy_bytes",
     "crc_extend",
     "crc_extend_copy",
@@ -145,6 +147,31 @@ def flatten(state: Any, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
             yield from flatten(value, path)
         else:
             yield Leaf(path, state, key, value)
+
+
+# The values record's entry for ``containers(state)``: no leaf has this path (``encode_key``
+# doubles a leading '#' of a string key, and ints become '#<digits>')
+CONTAINERS_KEY = "#containers"
+
+
+def containers(state: Any, prefix: tuple[str, ...] = ()) -> dict[str, str]:
+    """The containers of ``state`` that its leaves' paths do not show, by path: empty dicts
+    (``"dict"``; an optimizer before its first step has ``"state": {}``), and the lists and
+    tuples ``flatten`` goes into (``"list"``, ``"tuple"``: their items' paths look like dict keys).
+    A load into a state that lacks them rebuilds them from this."""
+    found: dict[str, str] = {}
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    is_dict = isinstance(state, dict)
+    for key, value in items:
+        path = (*prefix, encode_key(key) if is_dict else str(key))
+        if isinstance(value, dict):
+            if not value:
+                found["/".join(path)] = "dict"
+            found.update(containers(value, path))
+        elif isinstance(value, list | tuple) and _has_tensor(value):
+            found["/".join(path)] = "tuple" if isinstance(value, tuple) else "list"
+            found.update(containers(value, path))
+    return found
 
 
 def encode_key(key: Any) -> str:

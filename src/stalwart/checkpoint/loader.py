@@ -35,6 +35,7 @@ from stalwart.checkpoint.api import (
 )
 from stalwart.checkpoint.format import (
     CHUNK_BYTES,
+    CONTAINERS_KEY,
     SliceCrcs,
     as_bytes,
     crc_slices,
@@ -210,7 +211,8 @@ def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1
     seen: set[tuple[str, ...]] = set()
     mapped_jobs: list[tuple[TensorEntry, torch.Tensor, Box]] = []
 
-    seen_values: set[str] = set()
+    seen_values: set[str] = {CONTAINERS_KEY}
+    created: set[int] = set()  # the dicts made here for missing paths (by id)
     for leaf in flatten(state):
         if not isinstance(leaf.value, torch.Tensor):
             key = "/".join(leaf.path)
@@ -246,7 +248,7 @@ def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1
                 mapped_jobs.append(
                     (entry, fresh, Box((0,) * len(entry.global_shape), tuple(entry.global_shape)))
                 )
-                setters.append(_insert_point(state, path, fresh))
+                setters.append(_insert_point(state, path, fresh, created))
                 continue
             _plan_tensor(
                 entry,
@@ -255,11 +257,11 @@ def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1
                 checks,
                 copies,
             )
-            setters.append(_insert_point(state, path, fresh))
+            setters.append(_insert_point(state, path, fresh, created))
 
     for key, value in values.items():
         if key not in seen_values:
-            setters.append(_insert_point(state, tuple(key.split("/")), value))
+            setters.append(_insert_point(state, tuple(key.split("/")), value, created))
     if source.mapped is not None:
         _copy_mapped(source, mapped_jobs)
     _read_and_verify(source, checks, shared)
@@ -267,6 +269,7 @@ def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1
         dst[dst_slices].copy_(src[src_slices])
     for container, key, value in setters:
         container[key] = value
+    _restore_containers(state, values.get(CONTAINERS_KEY, {}), created)
 
 
 def _plan_tensor(
@@ -291,12 +294,56 @@ def _plan_tensor(
         checks.append((chunk.file, chunk, buf))
 
 
-def _insert_point(state: dict[str, Any], path: tuple[str, ...], value: Any) -> tuple[Any, Any, Any]:
-    """Where a value missing from ``state`` goes, creating the dicts on its path."""
+def _insert_point(
+    state: dict[str, Any], path: tuple[str, ...], value: Any, created: set[int]
+) -> tuple[Any, Any, Any]:
+    """Where a value missing from ``state`` goes, creating the dicts on its path (their ids
+    join ``created``)."""
     node: Any = state
     for part in path[:-1]:
-        node = node.setdefault(decode_key(part), {}) if isinstance(node, dict) else node[int(part)]
+        if isinstance(node, dict):
+            key = decode_key(part)
+            if key not in node:
+                node[key] = {}
+                created.add(id(node[key]))
+            node = node[key]
+        else:
+            node = node[int(part)]
     return node, decode_key(path[-1]) if isinstance(node, dict) else int(path[-1]), value
+
+
+def _restore_containers(state: dict[str, Any], kinds: dict[str, str], created: set[int]) -> None:
+    """Give a state loaded into the containers it was saved with (``format.containers``): the
+    empty dicts it lacks, and lists and tuples where this load made dicts. Containers the state
+    already had stay as they are."""
+    for path in sorted(kinds, key=lambda p: -p.count("/")):  # the innermost first
+        parts, kind = tuple(path.split("/")), kinds[path]
+        if kind == "dict":
+            parent, key, _ = _insert_point(state, parts, None, created)
+            if isinstance(parent, dict) and key not in parent:
+                parent[key] = {}
+            continue
+        parent, key = _walk(state, parts[:-1]), None
+        if isinstance(parent, dict):
+            key = decode_key(parts[-1])
+        node = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(node, dict) or id(node) not in created:
+            continue
+        if set(node) != {str(i) for i in range(len(node))}:
+            continue  # not the list it was saved as: leave it
+        items = [node[str(i)] for i in range(len(node))]
+        parent[key] = tuple(items) if kind == "tuple" else items
+
+
+def _walk(state: Any, parts: tuple[str, ...]) -> Any:
+    """The container at ``parts`` in ``state``, or None."""
+    node = state
+    for part in parts:
+        try:
+            node = node[decode_key(part)] if isinstance(node, dict) else node[int(part)]
+        except (KeyError, IndexError, ValueError, TypeError):
+            return None
+    return node
 
 
 def _read_and_verify(
