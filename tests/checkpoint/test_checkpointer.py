@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,31 @@ def test_save_blocks_only_for_the_snapshot_later_changes_are_not_saved(
     assert ck.load_latest(target) == 1
     assert torch.equal(target["model"]["w"], expected)
     ck.close()
+
+
+def test_a_memory_snapshot_is_not_loaded_once_its_checkpoint_location_was_emptied_or_replaced(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the node's memory outlives the run: a new run at the same location (same job, same
+    # URI) must not start from the old run's snapshot once that location was wiped
+    root = tmp_path / "ck"
+    ck = Checkpointer(str(root), config)
+    ck.save(500, _state(5), blocking=True)
+    ck.close()  # the memory tier stays for the next process
+    shutil.rmtree(root)
+    fresh = Checkpointer(str(root), config)
+    target = _zeros_like(_state(0))
+    assert fresh.load_latest(target) is None
+    assert "not loading step 500 from the memory tier" in caplog.text
+    assert torch.equal(target["model"]["w"], torch.zeros_like(target["model"]["w"]))
+    # replaced: another run's first save there gives the location a new id
+    fresh.save(7, _state(7), blocking=True)
+    fresh.close()
+    caplog.clear()
+    again = Checkpointer(str(root), config)
+    caplog.set_level(logging.INFO, logger="stalwart.checkpoint")
+    assert again.load_latest(target) == 7 and "from the memory tier" in caplog.text
+    again.close(drop_memory=True)
 
 
 def test_memory_tier_is_preferred_and_the_durable_tier_holds_the_same_step(

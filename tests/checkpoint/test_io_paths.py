@@ -634,15 +634,18 @@ def test_a_failed_plain_read_returns_only_once_no_read_still_writes(
 
     (tmp_path / "f.bin").write_bytes(bytes(3 << 20))
     monkeypatch.setattr(storage_posix, "_BLOCK", 1 << 20)
-    release, finished = threading.Event(), threading.Event()
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
     real = storage_posix._pread_all
 
     def held(fd: int, view: memoryview, offset: int, name: str) -> None:
         if offset == 1 << 20:  # a slow block, still under way when another one fails
+            started.set()
             release.wait(10)
             real(fd, view, offset, name)
             finished.set()
             return
+        if offset == 8 << 20:  # the failing read fails once the slow one is under way
+            started.wait(10)
         real(fd, view, offset, name)
 
     monkeypatch.setattr(storage_posix, "_pread_all", held)

@@ -138,15 +138,18 @@ def test_a_failed_ranged_read_returns_only_once_no_read_still_writes(
     bucket = moto.make_bucket(f"ri-{uuid.uuid4().hex[:8]}")
     storage = S3Storage(f"s3://{bucket}/p", endpoint_url=moto.endpoint, part_size=5 << 20, **CREDENTIALS)
     storage.write("f.bin", [memoryview(bytes(15 << 20))])
-    release, finished = threading.Event(), threading.Event()
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
     real = storage._get_range
 
     def held(key: str, what: str, offset: int, view: memoryview) -> None:
         if offset == 5 << 20:  # a slow range: still under way when another one fails
+            started.set()
             release.wait(10)
             real(key, what, offset, view)
             finished.set()
             return
+        if offset == 20 << 20:  # the failing range fails once the slow one is under way
+            started.wait(10)
         real(key, what, offset, view)
 
     monkeypatch.setattr(storage, "_get_range", held)

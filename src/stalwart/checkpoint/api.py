@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "ORIGIN_NAME",
     "RANK_STATE_KEY",
     "CheckedRead",
     "CheckpointRef",
@@ -42,6 +43,10 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# A random id at the root of a checkpoint location, written by its first save: a memory-tier
+# snapshot records it and is loaded only while the location still holds it (not once the
+# location was emptied or replaced, when the snapshot belongs to a run that is gone)
+ORIGIN_NAME = "stalwart-origin"
 # Values under this top-level key are saved by every rank and reloaded by the same rank; every
 # other plain tensor is treated as replicated and written once, by rank 0.
 RANK_STATE_KEY = "rank_state"
@@ -219,6 +224,8 @@ class PartRecord(_Record):
     version: int = FORMAT_VERSION
     error: str | None = None
     """Set when this rank's save failed: rank 0 gives the commit up at once instead of waiting."""
+    origin: str | None = None
+    """Memory tier: the ``ORIGIN_NAME`` id of the durable location the snapshot was saved for."""
 
     @classmethod
     def from_dict(cls, d: Any) -> PartRecord:
@@ -238,6 +245,7 @@ class PartRecord(_Record):
             _values(d, "values", w),
             _get(d, "version", int, w),
             str(d["error"]) if d.get("error") is not None else None,
+            str(d["origin"]) if d.get("origin") is not None else None,
         )
 
 

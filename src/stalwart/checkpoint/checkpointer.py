@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +42,7 @@ import torch.distributed as dist
 
 from stalwart.checkpoint.api import (
     MANIFEST_NAME,
+    ORIGIN_NAME,
     RANK_STATE_KEY,
     CheckpointRef,
     Manifest,
@@ -243,6 +245,7 @@ class Checkpointer:
         self._skipped: frozenset[int] = frozenset()
         self._ours: frozenset[int] = frozenset()  # steps rank 0 committed in this process
         self._seq = 0
+        self._origin: str | None = None  # the durable location's ORIGIN_NAME id, once known
         self._last_save_bytes = 0
         self._closed = False
         self.last_error: BaseException | None = None
@@ -561,12 +564,10 @@ class Checkpointer:
             crcs[id(p)] = done if done is not None else crc_slices(data[p.start : p.start + p.nbytes])
         progress.wait(layout.data_bytes)
         if self.memory is not None and self.memory.holds(slot, job.buf):
-            self.memory.commit(
-                slot,
-                self._part(
-                    step, attempt, MemoryTier.shard(slot), layout.header, layout.pieces, crcs, job.values
-                ),
+            snapshot = self._part(
+                step, attempt, MemoryTier.shard(slot), layout.header, layout.pieces, crcs, job.values
             )
+            self.memory.commit(slot, dataclasses.replace(snapshot, origin=self._saved_origin()))
         if written is None:
             logger.info(
                 "checkpoint step %d is already committed in %s; not rewriting it", step, self.storage.uri
@@ -622,6 +623,23 @@ class Checkpointer:
             event("checkpoint_mirror_failed", step=step, uri=mirror.uri, error=str(exc)[:300])
             if self.rank != 0:
                 self._report_failure(step, attempt, exc, mirror)
+
+    def _saved_origin(self) -> str | None:
+        """The durable location's id (``ORIGIN_NAME``), made by the first save there; None where
+        it cannot be read or written (the snapshot is then never loaded)."""
+        if self._origin is None:
+            try:
+                self._origin = _read_origin(self.storage)
+                if self._origin is None:
+                    fresh = uuid.uuid4().hex
+                    try:
+                        self.storage.write_atomic(ORIGIN_NAME, fresh.encode(), exclusive=True)
+                        self._origin = fresh
+                    except FileExistsError:  # another rank's first save made it
+                        self._origin = _read_origin(self.storage)
+            except Exception as exc:
+                logger.warning("cannot read or write %s in %s: %s", ORIGIN_NAME, self.storage.uri, exc)
+        return self._origin
 
     def _part(
         self,
@@ -696,6 +714,8 @@ class Checkpointer:
         newest = self._reduce(own_newest, dist.ReduceOp.MAX)
         mem = self.memory.latest() if self.memory is not None else None
         mem_step = mem[1].step if mem and mem[1].world_size == self.world_size else -1
+        if mem_step >= 0 and not self._same_origin(mem[1]):  # type: ignore[index]
+            mem_step = -1
         lo, hi = self._reduce(mem_step, dist.ReduceOp.MIN), self._reduce(mem_step, dist.ReduceOp.MAX)
         problems: list[str] = []
         every = {s for _, _, steps in tiers for s in steps}
@@ -735,6 +755,25 @@ class Checkpointer:
                 f"no checkpoint in {self.storage.uri} could be loaded: " + "; ".join(problems)
             )
         return None
+
+    def _same_origin(self, part: PartRecord) -> bool:
+        """Whether a memory-tier snapshot was saved for the durable location as it is now: not
+        after it was emptied, or replaced by another run's (a snapshot outlives its run)."""
+        try:
+            now = _read_origin(self.storage)
+        except Exception as exc:
+            logger.warning("cannot read %s in %s: %s", ORIGIN_NAME, self.storage.uri, exc)
+            return False
+        if part.origin is not None and part.origin == now:
+            return True
+        logger.warning(
+            "not loading step %d from the memory tier (%s): it was saved for another checkpoint "
+            "location than %s is now (emptied or replaced since)",
+            part.step,
+            self.memory.dir if self.memory is not None else "",
+            self.storage.uri,
+        )
+        return False
 
     def _memory_source(self, memory: MemoryTier, slot: int, part: PartRecord) -> Source:
         verify = self.config.verify_memory
@@ -896,6 +935,14 @@ class Checkpointer:
         elif previous != signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _read_origin(storage: Storage) -> str | None:
+    """The ``ORIGIN_NAME`` id at the root of ``storage``; None where there is none yet."""
+    try:
+        return storage.read(ORIGIN_NAME).decode("ascii", "replace").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def env_mirrors() -> list[str]:
