@@ -177,6 +177,30 @@ def test_a_memory_snapshot_is_not_loaded_once_its_checkpoint_location_was_emptie
     again.close(drop_memory=True)
 
 
+def test_a_new_run_that_did_not_load_replaces_the_steps_an_earlier_run_committed(
+    tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(config, memory_tier=False)
+    old = Checkpointer(str(tmp_path / "ck"), cfg)
+    for step in (10, 20):
+        old.save(step, _state(1), blocking=True)
+    old.close()
+    new = Checkpointer(str(tmp_path / "ck"), cfg)  # trains from scratch: never loads
+    caplog.set_level(logging.INFO, logger="stalwart.checkpoint")
+    for step in (10, 20):
+        assert new.save(step, _state(2), blocking=True).result() is not None
+    assert "step 20 in" in caplog.text and "is replaced by this run's" in caplog.text
+    new.save(20, _state(3), blocking=True)  # the same step again in one run: skipped
+    assert "step 20 is already committed in" in caplog.text
+    target = _zeros_like(_state(0))
+    assert new.load_latest(target) == 20
+    _assert_same(target, _state(2))
+    new.save(20, _state(3), blocking=True)  # the step it loaded: skipped too
+    assert new.load_latest(target) == 20
+    _assert_same(target, _state(2))
+    new.close()
+
+
 def test_memory_tier_is_preferred_and_the_durable_tier_holds_the_same_step(
     tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
 ) -> None:

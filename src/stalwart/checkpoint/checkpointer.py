@@ -160,7 +160,9 @@ class _SaveJob:
     progress: Progress
     future: Future[CheckpointRef | None]  # resolved at the commit on the checkpoint URI
     started: float  # time.perf_counter() when save() was called
-    rewrite: bool = False  # the step is committed but was skipped on load (damaged): write it again
+    # write the step even where it is committed: this process neither saved nor loaded it (an
+    # earlier run's, or one skipped on load as damaged); a known step's second save is skipped
+    rewrite: bool = False
     skipped: frozenset[int] = frozenset()  # the Checkpointer's skipped steps when save() was called
 
     @property
@@ -244,6 +246,7 @@ class Checkpointer:
         # one of them writes it again (replaced, never read or mutated in place: threads share it)
         self._skipped: frozenset[int] = frozenset()
         self._ours: frozenset[int] = frozenset()  # steps rank 0 committed in this process
+        self._known: set[int] = set()  # steps this process saved or loaded (alike on every rank)
         self._seq = 0
         self._origin: str | None = None  # the durable location's ORIGIN_NAME id, once known
         self._last_save_bytes = 0
@@ -388,9 +391,10 @@ class Checkpointer:
         # time here).
         progress = Progress(fused=blocking)
         future: Future[CheckpointRef | None] = Future()
-        rewrite = step in self._skipped
-        if rewrite:  # on every rank alike, and once: a later save of this step skips as usual
-            self._skipped = self._skipped - {step}
+        # on every rank alike, and once: a later save of this step skips as usual
+        rewrite = step in self._skipped or step not in self._known
+        self._skipped = self._skipped - {step}
+        self._known.add(step)
         save = _SaveJob(
             step, attempt, slot, layout, buf, values, progress, future, started, rewrite, self._skipped
         )
@@ -529,8 +533,10 @@ class Checkpointer:
             step, f"{self.storage.uri.rstrip('/')}/{directory}", "durable", committed=self.rank == 0
         )
         written: Future[None] | None = None
-        if job.rewrite and self.rank == 0:
-            # uncommit the damaged copy first; the others write their parts again regardless
+        if job.rewrite and self.rank == 0 and self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+            # uncommit the other copy first (damaged, or an earlier run's); the others write
+            # their parts again regardless
+            logger.info("checkpoint step %d in %s is replaced by this run's", step, self.storage.uri)
             self.storage.delete(f"{directory}/{MANIFEST_NAME}")
         earlier = self._published.get(step) if self.rank != 0 and not job.rewrite else None
         if earlier is not None:
@@ -602,9 +608,10 @@ class Checkpointer:
         step, attempt = job.step, job.attempt
         directory = step_dir(step)
         try:
-            if job.rewrite and self.rank == 0:
+            committed = mirror.exists(f"{directory}/{MANIFEST_NAME}")
+            if job.rewrite and self.rank == 0 and committed:
                 mirror.delete(f"{directory}/{MANIFEST_NAME}")
-            elif not job.rewrite and mirror.exists(f"{directory}/{MANIFEST_NAME}"):
+            elif not job.rewrite and committed:
                 return
             if part.file_name is not None:
                 mirror.write(f"{directory}/{part.file_name}", job.durable_shard())
@@ -846,6 +853,7 @@ class Checkpointer:
 
     def _loaded(self, step: int, tier: str, started: float, committed: set[int]) -> None:
         self._skipped = frozenset(s for s in committed if s > step)
+        self._known.add(step)
         seconds = time.perf_counter() - started
         logger.info("loaded checkpoint step %d from the %s in %.3f s", step, tier, seconds)
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one per node: the agent's event log
