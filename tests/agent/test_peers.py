@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+import types
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
+import pytest
 from torch.distributed import PrefixStore, TCPStore
 
+from stalwart.agent.agent import StalwartAgent
 from stalwart.agent.jobstore import JobStore
 from stalwart.agent.peers import RESTART, PeerRestarts
+from stalwart.errors import SignalReceived
 
 
 def _server() -> TCPStore:
@@ -82,3 +89,64 @@ def test_no_thread_where_the_store_cannot_be_watched() -> None:
     thread.join(10)
     assert not thread.is_alive()  # connect_apart gave None: it ended at once
     peers.close(lambda key: None)
+
+
+def test_a_failed_connect_is_tried_again_and_the_watch_then_hears_restarts() -> None:
+    # torch's client connect to a healthy store stalls past its timeout now and then: one
+    # failure must not leave the node deaf for the rest of the job
+    server = _server()
+    me, other = _node(server), _node(server)
+    calls: list[int] = []
+
+    def flaky_connect() -> TCPStore | None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("connect timed out (injected)")
+        return me.connect_apart()
+
+    woken = threading.Event()
+    peers = PeerRestarts(flaky_connect, woken.set)
+    try:
+        peers.follow(2, me.wake_key(2, 0))
+        other.announce(2, 2, RESTART)
+        assert woken.wait(10), "no announcement heard after a failed connect"
+        assert peers.announced(2) and len(calls) == 2
+    finally:
+        peers.close(lambda key: me.base.set(key, b"end"))
+
+
+def test_a_leaving_node_does_not_hide_a_restart_already_announced() -> None:
+    server = _server()
+    restarting, leaving, me = _node(server), _node(server), _node(server)
+    restarting.announce(7, 3, RESTART)
+    leaving.announce(7, 3, b"end")  # it succeeded: "end" goes only where nothing was said
+    assert me.restart_announced(7, 2) and me.base.get(me.wake_key(7, 2)) == RESTART
+    leaving.announce(8, 3, b"end")
+    assert not me.restart_announced(8, 2)
+
+
+def test_a_signal_while_announcing_is_not_taken_for_a_store_failure() -> None:
+    # _announce forgives store errors (the other nodes poll); a SIGTERM that lands while it
+    # writes the wake keys must still stop the agent (forwarded to its workers)
+    server = _server()
+    js = _node(server)
+    real = js.base
+
+    class Signalled:  # the agent's handler raises SignalReceived in the middle of a write
+        def set(self, key: str, value: bytes) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            real.set(key, value)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    js._base = Signalled()  # type: ignore[assignment]
+    agent = types.SimpleNamespace(
+        _generation=3, _worker_group=types.SimpleNamespace(group_world_size=2), _jobstore=js
+    )
+    previous = signal.signal(signal.SIGTERM, lambda s, f: StalwartAgent._on_signal(agent, s, f))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(SignalReceived):
+            StalwartAgent._announce(agent, RESTART)  # type: ignore[arg-type]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -177,22 +177,30 @@ def _agent_on(stalwart: StalwartRunner, port: int, run_id: str, node: str, host:
 
 
 def _replace_and_rejoin(
-    stalwart: StalwartRunner, port: int, run_id: str, sick: str, other: str, hosts: dict
-) -> None:
+    stalwart: StalwartRunner,
+    port: int,
+    run_id: str,
+    sick: str,
+    other: str,
+    hosts: dict,
+    *extra: str,
+    worker: tuple[str, ...] = (),
+) -> str:
     """Node ``sick`` hands itself over at step 3 (exit 75); the other waits in the rendezvous,
-    the orchestrator's replacement joins, and both finish all 12 steps."""
+    the orchestrator's replacement joins, and both finish all 12 steps. The other node's output."""
     rule = json.dumps(
         {"name": "sick-gpu", "logPattern": "step 3 loss", "faultOnMatch": True, "action": "replace_node"}
     )
-    work = stalwart.tiny_args(12, "--step-time", "0.05")
-    healthy = _agent_on(stalwart, port, run_id, other, hosts[other], *work)
-    node = _agent_on(stalwart, port, run_id, sick, hosts[sick], "--log-rule", rule, *work)
+    work = stalwart.tiny_args(12, "--step-time", "0.05", *worker)
+    healthy = _agent_on(stalwart, port, run_id, other, hosts[other], *extra, *work)
+    node = _agent_on(stalwart, port, run_id, sick, hosts[sick], *extra, "--log-rule", rule, *work)
     out = node.communicate(timeout=200)[0]
     assert node.returncode == 75, out[-3000:]
-    replacement = _agent_on(stalwart, port, run_id, sick, hosts[sick], *work)
+    replacement = _agent_on(stalwart, port, run_id, sick, hosts[sick], *extra, *work)
     outs = [p.communicate(timeout=200)[0] for p in (healthy, replacement)]
     assert [healthy.returncode, replacement.returncode] == [0, 0], "\n=====\n".join(o[-3000:] for o in outs)
     assert stalwart.progress_of(0)[-1][1] == stalwart.progress_of(1)[-1][1] == 12
+    return outs[0]
 
 
 def test_a_node_that_asks_to_be_replaced_leaves_the_rendezvous_open_for_its_replacement(
@@ -201,6 +209,22 @@ def test_a_node_that_asks_to_be_replaced_leaves_the_rendezvous_open_for_its_repl
     """Exit 75 hands the node to the orchestrator; the other node must wait for the replacement
     (closing the rendezvous would end it with exit 1, which fails a Kubernetes job at once)."""
     _replace_and_rejoin(stalwart, free_port(), "replace", "b", "a", {"a": 1, "b": 0})  # a hosts the store
+
+
+def test_a_node_handed_over_by_its_monitor_is_followed_without_spending_or_a_second_handover(
+    stalwart: StalwartRunner, free_port: Any
+) -> None:
+    """With the budget spent, and workers that exit as soon as a collective fails: the healthy
+    node's worker fails when the sick node stops its own. It must follow the sick node's
+    hand-over (announced before that node stops its workers), not hand itself over too (a
+    second pod replaced for one incident), nor spend a restart where budget remains."""
+    out = _replace_and_rejoin(
+        stalwart, free_port(), "monitor", "b", "a", {"a": 1, "b": 0}, "--max-restarts", "0",
+        worker=("--exit-on-error",),
+    )  # fmt: skip
+    assert "restart budget spent" not in out, out[-3000:]
+    budget = [e["used"] for e in stalwart.events() if e["node"] == "a" and e["event"] == "budget"]
+    assert budget and set(budget) == {0}
 
 
 def test_with_the_store_apart_the_node_that_would_have_hosted_it_can_be_replaced(

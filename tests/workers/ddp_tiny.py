@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,24 @@ def main() -> None:
     ap.add_argument("--progress-dir", required=True)
     ap.add_argument("--step-time", type=float, default=0.0)
     ap.add_argument("--exit-code", type=int, default=0, help="exit with this code after training")
+    ap.add_argument(
+        "--exit-on-error",
+        action="store_true",
+        help="a failed collective ends the worker at once (os._exit(1)), as a script's own handler may",
+    )
     args = ap.parse_args()
+    if not args.exit_on_error:
+        train(args)
+        return
+    try:
+        train(args)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def train(args: argparse.Namespace) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

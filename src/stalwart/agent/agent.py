@@ -254,11 +254,17 @@ class StalwartAgent(SimpleElasticAgent):
             for monitor in self.cfg.monitors:
                 try:
                     faults.extend(monitor.poll(now))
+                except SignalReceived:
+                    raise
                 except Exception:
                     logger.exception("monitor %s failed to poll", getattr(monitor, "name", monitor))
             decision = self._decide(faults, now)
             if decision is not None and decision[1].verdict is Verdict.EXIT:
                 fault, d = decision
+                if d.exit_code in policy.HAND_OVER_CODES:
+                    # before the workers stop: the other nodes' workers fail next, and their
+                    # decisions find this and follow it instead of spending or electing
+                    self._announce(RESTART)
                 self._stop_workers(wg)
                 self._fail(fault, d, result)
                 return result
@@ -282,9 +288,18 @@ class StalwartAgent(SimpleElasticAgent):
         budget = Budget(
             self.cfg.max_restarts, self._jobstore.restarts_used(), startup_retries=self._startup_retries
         )
+        followed: bool | None = None  # another node announced a restart out of this generation
         for fault in faults:
             d = policy.decide(self._state, fault, budget, now, self.cfg.ladder)
-            if d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
+            if (d.spends_budget or d.exit_code == policy.EXIT_BUDGET_SPENT) and followed is None:
+                followed = self._peers.announced(self._generation) or self._jobstore.restart_announced(
+                    self._generation, self._worker_group.group_rank
+                )
+            if (d.spends_budget or d.exit_code == policy.EXIT_BUDGET_SPENT) and followed:
+                # another node restarts or hands itself over, and this node's workers failed with
+                # it: follow, as on its announcement alone (its restart counted itself, if it does)
+                d = Decision(Verdict.RESTART, f"{fault.kind.value}: following another node's restart")
+            elif d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
                 # Another node already spent the budget on this very incident: follow its restart.
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: joining another node's restart")
             elif d.exit_code == policy.EXIT_BUDGET_SPENT and not self._jobstore.elect_handover(
@@ -317,6 +332,8 @@ class StalwartAgent(SimpleElasticAgent):
             return
         try:
             self._jobstore.announce(self._generation, self._worker_group.group_world_size or 1, value)
+        except SignalReceived:
+            raise
         except Exception as exc:  # the store is gone: the other nodes find out by polling
             logger.debug("could not tell the other nodes: %s", exc)
 
@@ -532,6 +549,8 @@ class StalwartAgent(SimpleElasticAgent):
         for monitor in self.cfg.monitors:
             try:
                 monitor.stop()
+            except SignalReceived:
+                raise
             except Exception:
                 logger.exception("monitor failed to stop")
         if live or (procs and self._state is AgentState.RESTARTING):

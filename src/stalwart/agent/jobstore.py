@@ -20,6 +20,8 @@ from datetime import timedelta
 
 from torch.distributed import HashStore, PrefixStore, Store, TCPStore
 
+from stalwart.agent.peers import RESTART
+
 __all__ = ["JobStore"]
 
 logger = logging.getLogger(__name__)
@@ -163,9 +165,23 @@ class JobStore:
         return self._key(f"wake/{generation}/{group_rank}")
 
     def announce(self, generation: int, nodes: int, value: bytes) -> None:
-        """Write ``value`` under the wake key of each of the ``nodes`` nodes of ``generation``."""
+        """Write ``value`` under the wake key of each of the ``nodes`` nodes of ``generation``;
+        a value other than ``RESTART`` only where nothing was written yet (a node that leaves
+        must not hide another node's restart from a third)."""
         for rank in range(nodes):
-            self.base.set(self.wake_key(generation, rank), value)
+            key = self.wake_key(generation, rank)
+            if value == RESTART:
+                self.base.set(key, value)
+            else:
+                self.base.compare_set(key, "", value)
+
+    def restart_announced(self, generation: int, group_rank: int) -> bool:
+        """Whether some node announced a restart out of ``generation`` under node
+        ``group_rank``'s wake key, read now (the watching thread may not have woken yet)."""
+        if self._static:  # its generation numbers can repeat: an old round's key would answer
+            return False
+        key = self.wake_key(generation, group_rank)
+        return bool(self.base.check([key])) and self.base.get(key) == RESTART
 
     def connect_apart(self, timeout: timedelta = timedelta(seconds=3)) -> Store | None:
         """A connection of its own to the job-wide store (a ``TCPStore``'s), for a thread that

@@ -20,6 +20,8 @@ from datetime import timedelta
 
 from torch.distributed import Store
 
+from stalwart.errors import SignalReceived
+
 __all__ = ["RESTART", "PeerRestarts"]
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,12 @@ RESTART = b"restart"  # the value that asks the other nodes to restart; anything
 
 # A wait that times out makes torch log two warnings: wait long, and wait again.
 _WAIT = timedelta(hours=12)
+# Connecting again after a failed connect (torch's client connect to a healthy store stalls
+# for seconds now and then) or a broken connection: doubling, up to the last
+_RETRY_FIRST_S = 0.5
+_RETRY_MAX_S = 10.0
+# close() waits this long for the thread: longer than a connect attempt can block
+_JOIN_S = 10.0
 
 
 class PeerRestarts:
@@ -42,6 +50,7 @@ class PeerRestarts:
         self._cond = threading.Condition()
         self._following: tuple[int, str] | None = None
         self._waiting: str | None = None  # the key the thread waits on now
+        self._done: str | None = None  # the key whose wait ended: wait again only for a new one
         self._announced: set[int] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -69,26 +78,45 @@ class PeerRestarts:
         if waiting is not None:
             try:
                 release(waiting)
+            except SignalReceived:
+                raise
             except Exception as exc:  # the store is gone: so is the thread's wait
                 logger.debug("could not release the restart watch: %s", exc)
         if thread is not None:
-            thread.join(timeout=5.0)
+            thread.join(timeout=_JOIN_S)
 
     def _run(self) -> None:
-        try:
-            store = self._connect()
-        except Exception as exc:  # the store is unreachable: polling still finds restarts
-            logger.debug("cannot watch for other nodes' restarts: %s", exc)
-            return
-        if store is None:
-            return
-        done: str | None = None  # the key whose wait ended: wait again only for a new one
+        delay, warned = _RETRY_FIRST_S, False
         while True:
+            try:
+                store = self._connect()
+            except Exception as exc:  # unreachable for now: polling still finds restarts meanwhile
+                if not warned:
+                    logger.warning("cannot watch for other nodes' restarts yet (retrying): %s", exc)
+                    warned = True
+                store = None
+            else:
+                if store is None:
+                    return  # no store of its own to watch: the agent's polling is all there is
+                if self._watch(store):
+                    return
+                delay = _RETRY_FIRST_S  # the connection broke: connect again, soon
             with self._cond:
-                while not self._closed and (self._following is None or self._following[1] == done):
-                    self._cond.wait()
+                if not self._closed:
+                    self._cond.wait(delay)
                 if self._closed:
                     return
+            delay = min(2 * delay, _RETRY_MAX_S)
+
+    def _watch(self, store: Store) -> bool:
+        """Wait on the followed key, again for each new one; True once closed, False when the
+        connection fails."""
+        while True:
+            with self._cond:
+                while not self._closed and (self._following is None or self._following[1] == self._done):
+                    self._cond.wait()
+                if self._closed:
+                    return True
                 assert self._following is not None
                 generation, key = self._following
                 self._waiting = key
@@ -98,13 +126,16 @@ class PeerRestarts:
             except Exception as exc:
                 with self._cond:
                     self._waiting = None
-                if "timeout" in str(exc).lower() and not self._closed:
+                    closed = self._closed
+                if closed:
+                    return True
+                if "timeout" in str(exc).lower():
                     continue
-                logger.debug("stopped watching for other nodes' restarts: %s", exc)  # the store went
-                return
-            done = key
+                logger.debug("lost the store connection watching for restarts: %s", exc)
+                return False
             with self._cond:
                 self._waiting = None
+                self._done = key
                 if value == RESTART:
                     self._announced.add(generation)
             if value == RESTART:
