@@ -657,3 +657,24 @@ def test_a_failed_plain_read_returns_only_once_no_read_still_writes(
         )
     assert finished.is_set(), "read_into raised while a read was still writing into the buffer"
     storage.close()
+
+
+def test_a_new_directory_is_made_durable_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a step's directory is made by its first shard write: its name in the root must be
+    # fsynced too, or a power loss could drop the newest step while older ones' deletes stay
+    from stalwart.checkpoint import storage_posix
+
+    synced: list[str] = []
+    real = storage_posix._fsync_dir
+    monkeypatch.setattr(storage_posix, "_fsync_dir", lambda path: (synced.append(path), real(path)))
+    storage = PosixStorage(str(tmp_path / "root"))
+    storage.write("step-000000001/rank-00000.safetensors", [memoryview(b"x" * 10)])
+    assert str(tmp_path / "root") in synced and str(tmp_path) in synced
+    synced.clear()
+    storage.write("step-000000001/rank-00001.safetensors", [memoryview(b"y" * 10)])
+    assert synced == []  # the directory was there already
+    storage.write_atomic("step-000000002/manifest.json", b"{}")
+    assert synced == [str(tmp_path / "root"), str(tmp_path / "root" / "step-000000002")]
+    storage.close()

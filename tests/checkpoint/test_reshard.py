@@ -124,6 +124,12 @@ def test_a_rank_that_cannot_look_at_the_uri_fails_construction_on_every_rank_wit
     _run_two_ranks("probe-error", tmp_path / "ck", tmp_path)  # a hang would time out after 120 s
 
 
+def test_a_rank_that_cannot_list_the_checkpoints_fails_the_load_on_every_rank_without_a_hang(
+    tmp_path: Path,
+) -> None:
+    _run_two_ranks("list-error", tmp_path / "ck", tmp_path)  # a hang would time out after 120 s
+
+
 def test_fsdp_with_tensor_parallel_strided_shards_are_all_saved_each_once() -> None:
     # FSDP2 on a TP mesh gives 2-D parameters (_StridedShard(0), Shard(0)); _StridedShard's
     # is_shard() is False, and taking it for a replica left half the rows unsaved

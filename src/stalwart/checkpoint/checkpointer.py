@@ -709,7 +709,12 @@ class Checkpointer:
         """
         self.wait()
         started = time.perf_counter()
-        tiers = [("durable", self.storage, committed_steps(self.storage)[0])]
+        try:
+            listed: list[int] = committed_steps(self.storage)[0]
+            unlisted: Exception | None = None
+        except Exception as exc:  # raising here would leave the other ranks in the collective
+            listed, unlisted = [], exc
+        tiers = [("durable", self.storage, listed)]
         for mirror in self.mirrors:
             try:
                 tiers.append(("mirror", mirror, committed_steps(mirror)[0]))
@@ -718,7 +723,12 @@ class Checkpointer:
                     "cannot list the checkpoint mirror %s; loading without it: %s", mirror.uri, exc
                 )
         own_newest = max((steps[-1] for _, _, steps in tiers if steps), default=-1)
-        newest = self._reduce(own_newest, dist.ReduceOp.MAX)
+        newest, blind = self._reduce_all([own_newest, int(unlisted is not None)], dist.ReduceOp.MAX)
+        if blind:
+            where = f"cannot list the checkpoints in {self.storage.uri}"
+            if unlisted is not None:
+                raise CheckpointError(f"{where}: {unlisted}") from unlisted
+            raise CheckpointError(f"another rank {where} (its error says why); no rank loaded anything")
         mem = self.memory.latest() if self.memory is not None else None
         mem_step = mem[1].step if mem and mem[1].world_size == self.world_size else -1
         if mem_step >= 0 and not self._same_origin(mem[1]):  # type: ignore[index]

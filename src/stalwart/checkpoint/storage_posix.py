@@ -117,7 +117,7 @@ class PosixStorage:
         follows a copy that is still filling the buffers."""
         target = self._abs(path)
         try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self._make_dirs(os.path.dirname(target))
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise _storage_error(exc, target) from exc
@@ -156,6 +156,19 @@ class PosixStorage:
         _close_quietly(dfd)
         os.close(fd)
 
+    def _make_dirs(self, path: str) -> None:
+        """``os.makedirs``; with fsync, also the parent of each directory it made: a new
+        directory's name is durable only then (a step's directory, made by its first shard)."""
+        made = []
+        at = path
+        while not os.path.isdir(at) and os.path.dirname(at) != at:
+            made.append(at)
+            at = os.path.dirname(at)
+        os.makedirs(path, exist_ok=True)
+        if self.fsync:
+            for directory in made:
+                _fsync_dir(os.path.dirname(directory))
+
     def _open_direct(self, target: str) -> int | None:
         """A second, ``O_DIRECT`` descriptor of ``target``; None where the file system refuses it."""
         if not (self.direct and _O_DIRECT):
@@ -170,7 +183,7 @@ class PosixStorage:
         parent = os.path.dirname(target)
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            os.makedirs(parent, exist_ok=True)
+            self._make_dirs(parent)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

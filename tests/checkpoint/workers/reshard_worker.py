@@ -81,6 +81,31 @@ def probe_error(root: str, rank: int) -> None:
     _exit()
 
 
+class Unlistable(PosixStorage):
+    """Rank 1's view of a location whose listing fails (a network file system's hiccup)."""
+
+    def list(self, prefix: str = "") -> list[str]:
+        raise OSError(5, "Input/output error", self.root)
+
+
+def list_error(root: str, rank: int) -> None:
+    """Rank 1 cannot list the checkpoints in load_latest: both ranks raise, neither hangs."""
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
+    ck = Checkpointer(root, config, storage=Unlistable(root) if rank == 1 else PosixStorage(root))
+    try:
+        ck.load_latest({"w": torch.zeros(8)})
+    except CheckpointError as exc:
+        message = str(exc)
+        assert f"cannot list the checkpoints in {root}" in message, message
+        assert ("Input/output error" in message) == (rank == 1), message
+    else:
+        raise AssertionError("load_latest went on without rank 1's listing")
+    ck.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit()
+
+
 def unshared(root: str, rank: int) -> None:
     """Each rank's URI is its own directory, as node-local disks would be: construction fails."""
     config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
@@ -181,6 +206,7 @@ def main() -> None:
             "fail-rank1",
             "unshared",
             "probe-error",
+            "list-error",
             "same-step-twice",
             "gave-up",
         ],
@@ -214,6 +240,7 @@ def main() -> None:
         "fail-rank1": fail_rank1,
         "unshared": unshared,
         "probe-error": probe_error,
+        "list-error": list_error,
         "same-step-twice": same_step_twice,
         "gave-up": same_step_after_rank0_gave_up,
     }
