@@ -625,7 +625,9 @@ def _check_header(source: Source, file: str) -> None:
 
 def _chunks_of(source: Source, file: str) -> list[tuple[TensorEntry, ChunkEntry]]:
     found = [(t, c) for t in source.tensors for c in t.chunks if c.file == file]
-    return sorted(found, key=lambda tc: tc[1].start)
+    # in file order; an empty piece shares its start with the next one and comes first (the
+    # file digest follows the order the pieces were laid out in, whatever the record's order)
+    return sorted(found, key=lambda tc: (tc[1].start, tc[1].nbytes))
 
 
 def verify_source(source: Source) -> list[str]:
