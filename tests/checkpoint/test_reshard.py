@@ -34,7 +34,9 @@ def _config() -> CheckpointConfig:
     return CheckpointConfig(memory_tier=False, flush_on_sigterm=False)
 
 
-def test_two_sharded_ranks_save_and_one_rank_loads_the_whole_tensors(tmp_path: Path) -> None:
+def test_two_sharded_ranks_save_and_one_rank_loads_the_whole_tensors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "ck"
     _run_two_ranks("save", root, tmp_path)
     manifest = json.loads((root / "step-000000007/manifest.json").read_text())
@@ -57,6 +59,11 @@ def test_two_sharded_ranks_save_and_one_rank_loads_the_whole_tensors(tmp_path: P
     for key in ("rows", "cols", "repl"):
         assert torch.equal(target["model"][key], full[key]), key
     assert target["rank_state"]["rng"].item() == 100
+    assert (
+        "saved by 2 ranks and is loaded by 1: rank R loads the 'rank_state' of saved rank R % 2"
+        in caplog.text
+    )
+    assert "(the state of saved rank 1 is not loaded)" in caplog.text
     ck.close()
 
 
@@ -66,7 +73,8 @@ def test_one_rank_saves_and_two_sharded_ranks_load_their_slices(tmp_path: Path) 
     full = full_state()
     ck.save(7, {"model": full, "rank_state": {"rng": torch.tensor([100])}, "step": 7}, blocking=True)
     ck.close()
-    _run_two_ranks("load", root, tmp_path)
+    _run_two_ranks("load", root, tmp_path)  # each rank gets saved rank 0's rank_state, warned
+    _run_two_ranks("load-strict", root, tmp_path)  # or refuses it, on every rank
 
 
 def test_two_ranks_restarted_on_the_same_node_reload_replicas_from_their_memory_tier(

@@ -104,6 +104,10 @@ class CheckpointConfig:
     verify_memory: bool = True
     """Checksum memory-tier snapshots on load. Costs about one pass over the state (crc32c runs
     near memcpy speed); durable tiers are always verified."""
+    rank_state_on_resize: str = "remap"
+    """A checkpoint with ``rank_state`` loaded by another number of ranks: ``"remap"`` (rank R
+    loads saved rank R % N's, with a warning: after a scale-up, ranks repeat others' data-loader
+    positions) or ``"error"`` (refuse; per-rank state has no resharding path)."""
 
     def __post_init__(self) -> None:
         if self.keep_last < 2:
@@ -116,6 +120,10 @@ class CheckpointConfig:
             raise ConfigError(f"max_in_flight={self.max_in_flight} must be at least 1")
         if self.io_threads < 1:
             raise ConfigError(f"io_threads={self.io_threads} must be at least 1")
+        if self.rank_state_on_resize not in ("remap", "error"):
+            raise ConfigError(
+                f"rank_state_on_resize={self.rank_state_on_resize!r} must be 'remap' or 'error'"
+            )
 
 
 class Progress:
@@ -814,7 +822,32 @@ class Checkpointer:
             manifest = Manifest.from_json(raw)
         except ValueError as exc:
             raise CheckpointCorrupt(f"the manifest of step {step} is unreadable: {exc}") from None
-        return Source.from_manifest(tier, storage, manifest)
+        source = Source.from_manifest(tier, storage, manifest)
+        if source.world_size != self.world_size and _has_rank_state(source):
+            self._resized(source)
+        return source
+
+    def _resized(self, source: Source) -> None:
+        """A checkpoint with per-rank state, saved by another number of ranks: refuse, or say
+        which saved rank's state this rank gets."""
+        saved, now = source.world_size, self.world_size
+        where = f"checkpoint step {source.step} was saved by {saved} ranks and is loaded by {now}"
+        if self.config.rank_state_on_resize == "error":
+            raise CheckpointError(
+                f"{where}: its {RANK_STATE_KEY!r} (per-rank state: RNG, data-loader position) has no "
+                f"resharding path. Load it with {saved} ranks, or set "
+                "CheckpointConfig(rank_state_on_resize='remap') to give rank R saved rank R % "
+                f"{saved}'s"
+            )
+        if self.rank == 0:
+            if now > saved:
+                effect = "ranks repeat other ranks' data-loader positions and RNG states"
+            else:
+                lost = f"rank {now}" if saved - now == 1 else f"ranks {now} to {saved - 1}"
+                effect = f"the state of saved {lost} is not loaded"
+            logger.warning(
+                "%s: rank R loads the %r of saved rank R %% %d (%s)", where, RANK_STATE_KEY, saved, effect
+            )
 
     def _attempt(
         self,
@@ -953,6 +986,14 @@ class Checkpointer:
         elif previous != signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _has_rank_state(source: Source) -> bool:
+    """Whether ``source`` holds per-rank state (tensors or values under ``RANK_STATE_KEY``)."""
+    prefix = RANK_STATE_KEY + "/"
+    return any(t.rank is not None for t in source.tensors) or any(
+        key.startswith(prefix) for values in source.values for key in values
+    )
 
 
 def _read_origin(storage: Storage) -> str | None:

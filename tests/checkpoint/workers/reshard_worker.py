@@ -203,6 +203,7 @@ def main() -> None:
             "save",
             "load",
             "load-same",
+            "load-strict",
             "fail-rank1",
             "unshared",
             "probe-error",
@@ -234,7 +235,10 @@ def main() -> None:
         }
 
     config = CheckpointConfig(
-        memory_tier=args.shm is not None, shm_root=args.shm or "/dev/shm", job="reshard"
+        memory_tier=args.shm is not None,
+        shm_root=args.shm or "/dev/shm",
+        job="reshard",
+        rank_state_on_resize="error" if args.mode == "load-strict" else "remap",
     )
     alone = {
         "fail-rank1": fail_rank1,
@@ -253,6 +257,16 @@ def main() -> None:
         state["step"] = 7
         ck.save(7, state, blocking=True)
         ck.wait()  # and the mirror's copy
+    elif args.mode == "load-strict":  # saved by one rank: its rank_state cannot be split in two
+        state = sharded(torch.zeros(5, 3), torch.zeros(4, 6, dtype=torch.int64), torch.zeros(7))
+        try:
+            ck.load_latest(state)
+        except CheckpointError as exc:
+            assert "saved by 1 ranks and is loaded by 2" in str(exc), exc
+            assert "rank_state_on_resize='remap'" in str(exc), exc
+        else:
+            raise AssertionError("a checkpoint of 1 rank's rank_state loaded on 2 ranks")
+        assert state["rank_state"]["rng"].item() == 100 + args.rank  # untouched
     else:
         state = sharded(torch.zeros(5, 3), torch.zeros(4, 6, dtype=torch.int64), torch.zeros(7))
         step = ck.load_latest(state)
