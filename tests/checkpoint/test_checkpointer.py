@@ -590,6 +590,36 @@ def test_a_state_loaded_into_an_empty_dict_keeps_its_empty_dicts_lists_and_tuple
     assert isinstance(mine["rng"], dict) and torch.equal(mine["rng"]["1"], t + 1)
 
 
+def test_containers_come_back_after_a_fallback_and_a_state_of_another_shape_is_left_alone(
+    tmp_path: Path, config: CheckpointConfig
+) -> None:
+    t = torch.arange(6.0)
+
+    def state(k: int) -> dict[str, Any]:
+        return {"rng": [t + k, t + k + 1], "pair": (t + k, t + 2 * k), "opt": {"state": {}}}
+
+    cfg = _cfg(config, memory_tier=False)
+    ck = Checkpointer(str(tmp_path / "ck"), cfg, distributed=False)
+    ck.save(1, state(1), blocking=True)
+    ck.save(2, state(2), blocking=True)
+    ck.close()
+    shard = tmp_path / "ck" / step_dir(2) / "rank-00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    loaded: dict[str, Any] = {}
+    # step 2 fails after its attempt made dicts for the lists; step 1's attempt must still
+    # give back lists and tuples
+    assert Checkpointer(str(tmp_path / "ck"), cfg).load_latest(loaded) == 1
+    assert type(loaded["rng"]) is list and torch.equal(loaded["rng"][1], t + 2)
+    assert type(loaded["pair"]) is tuple and loaded["opt"] == {"state": {}}
+    # where the target holds something else, the saved shape is not forced on it
+    other: dict[str, Any] = {"rng": "kept", "opt": 5}
+    assert Checkpointer(str(tmp_path / "ck"), cfg).load_latest(other) == 1
+    assert other["rng"] == "kept" and other["opt"] == 5
+    assert type(other["pair"]) is tuple and torch.equal(other["pair"][1], t + 2)
+
+
 def test_an_optimizer_state_dict_loads_into_an_empty_dict_with_its_int_keys(
     tmp_path: Path, config: CheckpointConfig
 ) -> None:

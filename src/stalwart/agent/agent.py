@@ -102,6 +102,7 @@ class StalwartAgent(SimpleElasticAgent):
         self._incident_start: float | None = None
         self._incidents: list[dict[str, Any]] = []
         self._startup_retries = 1
+        self._following = False  # the last decision follows a restart another node announced
         self._last_startup_sig: str | None = None
         self._exit_code = policy.EXIT_OK
         self._exit_reason = "workers succeeded"
@@ -269,9 +270,12 @@ class StalwartAgent(SimpleElasticAgent):
                 self._fail(fault, d, result)
                 return result
             if decision is not None and decision[1].verdict is Verdict.RESTART:
-                self._restart(*decision)
+                self._restart(*decision, announce=not self._following)
             elif self._peers.announced(self._generation):
-                self._restart(None, Decision(Verdict.RESTART, "another node announced a restart"))
+                # every node heard it: saying it again would cost the store N writes per node
+                self._restart(
+                    None, Decision(Verdict.RESTART, "another node announced a restart"), announce=False
+                )
             elif wg.spec.rdzv_handler.num_nodes_waiting() > 0:
                 self._restart(None, Decision(Verdict.RESTART, "another node is re-rendezvousing"))
             elif (ended := self._ended_by_another_node(wg)) is not None:
@@ -289,6 +293,7 @@ class StalwartAgent(SimpleElasticAgent):
             self.cfg.max_restarts, self._jobstore.restarts_used(), startup_retries=self._startup_retries
         )
         followed: bool | None = None  # another node announced a restart out of this generation
+        self._following = False
         for fault in faults:
             d = policy.decide(self._state, fault, budget, now, self.cfg.ladder)
             if (d.spends_budget or d.exit_code == policy.EXIT_BUDGET_SPENT) and followed is None:
@@ -299,6 +304,7 @@ class StalwartAgent(SimpleElasticAgent):
                 # another node restarts or hands itself over, and this node's workers failed with
                 # it: follow, as on its announcement alone (its restart counted itself, if it does)
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: following another node's restart")
+                self._following = True
             elif d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
                 # Another node already spent the budget on this very incident: follow its restart.
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: joining another node's restart")
@@ -367,7 +373,9 @@ class StalwartAgent(SimpleElasticAgent):
             )
         return out
 
-    def _restart(self, fault: Fault | None, decision: Decision) -> None:
+    def _restart(self, fault: Fault | None, decision: Decision, *, announce: bool = True) -> None:
+        """Stop this node's workers and start the next generation's; ``announce``: tell the
+        other nodes first (not when this restart follows another node's announcement)."""
         wg = self._worker_group
         self._set_state(AgentState.RESTARTING)
         reason = fault.kind.value if fault is not None else "peer"
@@ -382,7 +390,8 @@ class StalwartAgent(SimpleElasticAgent):
             used = self._jobstore.restarts_used()
         # after the claim (the others read the budget it spent), before stopping the workers (the
         # other nodes stop theirs meanwhile)
-        self._announce(RESTART)
+        if announce:
+            self._announce(RESTART)
         if decision.rung is policy.Rung.STARTUP_RETRY and fault is not None:
             self._startup_retries -= 1
         if fault is not None and fault.evidence.get("startup"):

@@ -58,7 +58,6 @@ from stalwart.checkpoint.format import (
     Layout,
     Piece,
     as_bytes,
-    containers,
     crc_slices,
     crc_slices_copy,
     flatten,
@@ -446,7 +445,8 @@ class Checkpointer:
     def _collect(self, state: dict[str, Any]) -> tuple[list[Piece], dict[str, Any]]:
         pieces: list[Piece] = []
         values: dict[str, Any] = {}
-        for leaf in flatten(state):
+        shapes: dict[str, str] = {}
+        for leaf in flatten(state, shapes=shapes):
             value = leaf.value
             if not isinstance(value, torch.Tensor):
                 values["/".join(leaf.path)] = value
@@ -461,7 +461,6 @@ class Checkpointer:
                 local, global_shape, box = local_box(value)
                 durable = saves_piece(value, self.rank)
                 pieces.append(Piece(leaf.path, local, global_shape, box.offsets, durable=durable))
-        shapes = containers(state)
         if shapes:
             values[CONTAINERS_KEY] = shapes
         return pieces, snapshot_values(values)
@@ -743,13 +742,18 @@ class Checkpointer:
             mem_step = -1
         lo, hi = self._reduce(mem_step, dist.ReduceOp.MIN), self._reduce(mem_step, dist.ReduceOp.MAX)
         problems: list[str] = []
+        created: set[int] = set()  # dicts the attempts made in ``state`` (see load_into)
         every = {s for _, _, steps in tiers for s in steps}
         if mem is not None and lo == hi >= 0 and lo >= newest:
             assert self.memory is not None
             memory = self.memory
             slot, part = mem
             if self._attempt(
-                lo, [("memory tier", lambda: self._memory_source(memory, slot, part))], state, problems
+                lo,
+                [("memory tier", lambda: self._memory_source(memory, slot, part))],
+                state,
+                problems,
+                created,
             ):
                 self._loaded(lo, "memory tier", started, every)
                 return lo
@@ -769,7 +773,7 @@ class Checkpointer:
                 for name, storage, steps in tiers
                 if step in steps
             ] or [("durable tier", lambda s=step: self._durable_source(self.storage, "durable", s))]
-            tier = self._attempt(step, makes, state, problems)
+            tier = self._attempt(step, makes, state, problems, created)
             if tier is not None:
                 self._loaded(step, tier, started, every)
                 return step
@@ -855,6 +859,7 @@ class Checkpointer:
         makes: list[tuple[str, Callable[[], Source]]],
         state: dict[str, Any],
         problems: list[str],
+        created: set[int],
     ) -> str | None:
         """Load ``step`` on every rank, each from the first of its ``makes`` (tier name, source)
         that loads; the tier this rank loaded from, or None when some rank could not load it."""
@@ -863,7 +868,7 @@ class Checkpointer:
         tier: str | None = None
         for i, (name, make) in enumerate(makes):
             try:
-                load_into(make(), state, self.rank, self._node_readers)
+                load_into(make(), state, self.rank, self._node_readers, created)
             except CheckpointCorrupt as exc:
                 status, error = _CORRUPT, exc
                 if i + 1 < len(makes):

@@ -36,7 +36,6 @@ __all__ = [
     "Piece",
     "SliceCrcs",
     "as_bytes",
-    "containers",
     "copy_bytes",
     "crc_extend",
     "crc_extend_copy",
@@ -128,8 +127,12 @@ class Leaf:
     value: Any
 
 
-def flatten(state: Any, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
-    """Yield the leaves of a nested dict/list state. Tuples without tensors are one leaf."""
+def flatten(state: Any, prefix: tuple[str, ...] = (), shapes: dict[str, str] | None = None) -> Iterator[Leaf]:
+    """Yield the leaves of a nested dict/list state. Tuples without tensors are one leaf.
+    ``shapes``, when given, receives the containers the leaves' paths do not show, by path:
+    empty dicts (``"dict"``; an optimizer before its first step has ``"state": {}``), and the
+    lists and tuples gone into (``"list"``, ``"tuple"``: their items' paths look like dict
+    keys). A load into a state that lacks them rebuilds them from this."""
     if isinstance(state, dict):
         items: Iterator[tuple[Any, Any]] = iter(state.items())
     elif isinstance(state, list | tuple):
@@ -143,35 +146,21 @@ def flatten(state: Any, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
             raise CheckpointError(
                 f"state key {path[-1]!r} contains '/'; rename it (keys are joined with '/')"
             )
-        if isinstance(value, dict) or (isinstance(value, list | tuple) and _has_tensor(value)):
-            yield from flatten(value, path)
+        if isinstance(value, dict):
+            if shapes is not None and not value:
+                shapes["/".join(path)] = "dict"
+            yield from flatten(value, path, shapes)
+        elif isinstance(value, list | tuple) and _has_tensor(value):
+            if shapes is not None:
+                shapes["/".join(path)] = "tuple" if isinstance(value, tuple) else "list"
+            yield from flatten(value, path, shapes)
         else:
             yield Leaf(path, state, key, value)
 
 
-# The values record's entry for ``containers(state)``: no leaf has this path (``encode_key``
+# The values record's entry for ``flatten``'s ``shapes``: no leaf has this path (``encode_key``
 # doubles a leading '#' of a string key, and ints become '#<digits>')
 CONTAINERS_KEY = "#containers"
-
-
-def containers(state: Any, prefix: tuple[str, ...] = ()) -> dict[str, str]:
-    """The containers of ``state`` that its leaves' paths do not show, by path: empty dicts
-    (``"dict"``; an optimizer before its first step has ``"state": {}``), and the lists and
-    tuples ``flatten`` goes into (``"list"``, ``"tuple"``: their items' paths look like dict keys).
-    A load into a state that lacks them rebuilds them from this."""
-    found: dict[str, str] = {}
-    items = state.items() if isinstance(state, dict) else enumerate(state)
-    is_dict = isinstance(state, dict)
-    for key, value in items:
-        path = (*prefix, encode_key(key) if is_dict else str(key))
-        if isinstance(value, dict):
-            if not value:
-                found["/".join(path)] = "dict"
-            found.update(containers(value, path))
-        elif isinstance(value, list | tuple) and _has_tensor(value):
-            found["/".join(path)] = "tuple" if isinstance(value, tuple) else "list"
-            found.update(containers(value, path))
-    return found
 
 
 def encode_key(key: Any) -> str:

@@ -186,13 +186,21 @@ def _source_rank(rank: int, world_size: int) -> int:
     return rank if rank < world_size else rank % world_size
 
 
-def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1) -> None:
+def load_into(
+    source: Source,
+    state: dict[str, Any],
+    rank: int,
+    readers: int = 1,
+    created: set[int] | None = None,
+) -> None:
     """Fill ``state`` in place from ``source``; see the module docstring for the errors.
 
     ``readers``: the processes on this node loading the same checkpoint (the local world size).
     With more than one, every rank reads the whole of each replicated piece, and those reads go
     through the page cache, so the node reads them from storage once; direct reads would fetch
-    them once per rank."""
+    them once per rank. ``created``: the ids of the dicts loads into ``state`` made for missing
+    paths (share one set across the attempts of one load: a failed attempt leaves its dicts)."""
+    created = set() if created is None else created
     src_rank = _source_rank(rank, source.world_size)
     by_path: dict[tuple[str, ...], TensorEntry] = {}
     for entry in source.tensors:
@@ -212,7 +220,6 @@ def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1
     mapped_jobs: list[tuple[TensorEntry, torch.Tensor, Box]] = []
 
     seen_values: set[str] = {CONTAINERS_KEY}
-    created: set[int] = set()  # the dicts made here for missing paths (by id)
     for leaf in flatten(state):
         if not isinstance(leaf.value, torch.Tensor):
             key = "/".join(leaf.path)
@@ -244,24 +251,21 @@ def load_into(source: Source, state: dict[str, Any], rank: int, readers: int = 1
     for path, entry in by_path.items():
         if path not in seen and len(entry.chunks) == 1 and entry.chunks[0].shape == entry.global_shape:
             fresh = torch.empty(entry.global_shape, dtype=dtype_from_code(entry.dtype))
-            if source.mapped is not None:
-                mapped_jobs.append(
-                    (entry, fresh, Box((0,) * len(entry.global_shape), tuple(entry.global_shape)))
-                )
-                setters.append(_insert_point(state, path, fresh, created))
+            point = _insert_point(state, path, fresh, created)
+            if point is None:
                 continue
-            _plan_tensor(
-                entry,
-                fresh,
-                Box((0,) * len(entry.global_shape), tuple(entry.global_shape)),
-                checks,
-                copies,
-            )
-            setters.append(_insert_point(state, path, fresh, created))
+            whole = Box((0,) * len(entry.global_shape), tuple(entry.global_shape))
+            if source.mapped is not None:
+                mapped_jobs.append((entry, fresh, whole))
+            else:
+                _plan_tensor(entry, fresh, whole, checks, copies)
+            setters.append(point)
 
     for key, value in values.items():
         if key not in seen_values:
-            setters.append(_insert_point(state, tuple(key.split("/")), value, created))
+            point = _insert_point(state, tuple(key.split("/")), value, created)
+            if point is not None:
+                setters.append(point)
     if source.mapped is not None:
         _copy_mapped(source, mapped_jobs)
     _read_and_verify(source, checks, shared)
@@ -296,9 +300,10 @@ def _plan_tensor(
 
 def _insert_point(
     state: dict[str, Any], path: tuple[str, ...], value: Any, created: set[int]
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any] | None:
     """Where a value missing from ``state`` goes, creating the dicts on its path (their ids
-    join ``created``)."""
+    join ``created``); None where something else is in the way (the state has another shape
+    there: it is left as it is)."""
     node: Any = state
     for part in path[:-1]:
         if isinstance(node, dict):
@@ -307,26 +312,33 @@ def _insert_point(
                 node[key] = {}
                 created.add(id(node[key]))
             node = node[key]
-        else:
+        elif isinstance(node, list | tuple) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
-    return node, decode_key(path[-1]) if isinstance(node, dict) else int(path[-1]), value
+        else:
+            return None
+    if isinstance(node, dict):
+        return node, decode_key(path[-1]), value
+    if isinstance(node, list) and path[-1].isdigit() and int(path[-1]) < len(node):
+        return node, int(path[-1]), value
+    return None
 
 
 def _restore_containers(state: dict[str, Any], kinds: dict[str, str], created: set[int]) -> None:
-    """Give a state loaded into the containers it was saved with (``format.containers``): the
-    empty dicts it lacks, and lists and tuples where this load made dicts. Containers the state
+    """Give a state loaded into the containers it was saved with (``flatten``'s ``shapes``): the
+    empty dicts it lacks, and lists and tuples where loads made dicts. Containers the state
     already had stay as they are."""
     for path in sorted(kinds, key=lambda p: -p.count("/")):  # the innermost first
         parts, kind = tuple(path.split("/")), kinds[path]
         if kind == "dict":
-            parent, key, _ = _insert_point(state, parts, None, created)
-            if isinstance(parent, dict) and key not in parent:
-                parent[key] = {}
+            point = _insert_point(state, parts, None, created)
+            if point is not None and isinstance(point[0], dict) and point[1] not in point[0]:
+                point[0][point[1]] = {}
             continue
-        parent, key = _walk(state, parts[:-1]), None
-        if isinstance(parent, dict):
-            key = decode_key(parts[-1])
-        node = parent.get(key) if isinstance(parent, dict) else None
+        parent = _walk(state, parts[:-1])
+        if not isinstance(parent, dict):
+            continue
+        key = decode_key(parts[-1])
+        node = parent.get(key)
         if not isinstance(node, dict) or id(node) not in created:
             continue
         if set(node) != {str(i) for i in range(len(node))}:
