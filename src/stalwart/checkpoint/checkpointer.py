@@ -545,6 +545,8 @@ class Checkpointer:
             # their parts again regardless
             logger.info("checkpoint step %d in %s is replaced by this run's", step, self.storage.uri)
             self.storage.delete(f"{directory}/{MANIFEST_NAME}")
+        elif job.rewrite:
+            self._wait_uncommitted(self.storage, step, attempt)
         earlier = self._published.get(step) if self.rank != 0 and not job.rewrite else None
         if earlier is not None:
             # the same step again (a final save after the loop's last periodic one): rank 0 may
@@ -618,7 +620,9 @@ class Checkpointer:
             committed = mirror.exists(f"{directory}/{MANIFEST_NAME}")
             if job.rewrite and self.rank == 0 and committed:
                 mirror.delete(f"{directory}/{MANIFEST_NAME}")
-            elif not job.rewrite and committed:
+            elif job.rewrite and committed:
+                self._wait_uncommitted(mirror, step, attempt)
+            elif committed:
                 return
             if part.file_name is not None:
                 mirror.write(f"{directory}/{part.file_name}", job.durable_shard())
@@ -637,6 +641,29 @@ class Checkpointer:
             event("checkpoint_mirror_failed", step=step, uri=mirror.uri, error=str(exc)[:300])
             if self.rank != 0:
                 self._report_failure(step, attempt, exc, mirror)
+            else:  # a rank waiting for this attempt there (see _wait_uncommitted) stops waiting
+                with contextlib.suppress(Exception):
+                    mirror.write_atomic(f"{directory}/{_gave_up(attempt)}", str(exc)[:500].encode())
+
+    def _wait_uncommitted(self, storage: Storage, step: int, attempt: str) -> None:
+        """A rank other than 0 replacing a committed ``step`` in ``storage``: wait until rank 0
+        has uncommitted it (its manifest is gone), so that no shard of a committed checkpoint is
+        overwritten. Raises ``CheckpointError`` where rank 0 gave the attempt up, or has not
+        uncommitted it within ``commit_timeout_s``: the committed step stays as it is."""
+        directory = step_dir(step)
+        gave_up = f"{directory}/{_gave_up(attempt)}"
+        deadline = time.monotonic() + self.config.commit_timeout_s
+        pause = 0.01
+        while storage.exists(f"{directory}/{MANIFEST_NAME}"):
+            if storage.exists(gave_up) or self.storage.exists(gave_up) or self._stop.is_set():
+                raise CheckpointError(f"rank 0 gave up replacing checkpoint step {step} in {storage.uri}")
+            if time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"rank 0 did not replace checkpoint step {step} in {storage.uri} within "
+                    f"commit_timeout_s={self.config.commit_timeout_s}; the committed one is kept"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 0.2)
 
     def _saved_origin(self) -> str | None:
         """The durable location's id (``ORIGIN_NAME``), made by the first save there; None where

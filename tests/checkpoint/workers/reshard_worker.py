@@ -122,6 +122,52 @@ def unshared(root: str, rank: int) -> None:
     _exit()
 
 
+class DiesBeforeUncommitting(PosixStorage):
+    """Rank 0's storage in a new run: rank 0 dies as it looks at step 10's manifest, before it
+    can uncommit the earlier run's step 10 (a crash, a lost node)."""
+
+    def exists(self, path: str) -> bool:
+        if path.endswith("manifest.json"):
+            os._exit(9)
+        return super().exists(path)
+
+
+def rewrite_state(rank: int, run: int) -> dict:
+    return {
+        "w": torch.full((1 << 10,), float(run)),
+        "rank_state": {"r": torch.full((1 << 10,), 10.0 * run + rank)},
+    }
+
+
+def rewrite(root: str, rank: int, phase: str) -> None:
+    """An earlier run commits step 10 (phase "save"); a new run that never loads saves step 10,
+    and its rank 0 dies before uncommitting the old one ("die"): rank 1 must not overwrite its
+    shard of the committed step, which still loads whole ("load")."""
+    config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False, commit_timeout_s=3)
+    if phase == "save":
+        ck = Checkpointer(root, config)
+        assert ck.save(10, rewrite_state(rank, 1), blocking=True).result() is not None
+    elif phase == "die":
+        ck = Checkpointer(
+            root, config, storage=DiesBeforeUncommitting(root) if rank == 0 else PosixStorage(root)
+        )
+        assert ck.save(10, rewrite_state(rank, 2)).result() is None  # rank 1: gave up, waiting
+        _exit()  # no collective: rank 0 is gone
+    else:
+        ck = Checkpointer(root, config)
+        target = rewrite_state(rank, 0)
+        assert ck.load_latest(target) == 10
+        for got, want in zip(target.values(), rewrite_state(rank, 1).values(), strict=True):
+            assert torch.equal(
+                got if isinstance(got, torch.Tensor) else got["r"],
+                want if isinstance(want, torch.Tensor) else want["r"],
+            )
+    ck.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit()
+
+
 class HeldCommit(PosixStorage):
     """Rank 0's storage: the first manifest waits until rank 1 has started its second save."""
 
@@ -208,6 +254,9 @@ def main() -> None:
             "unshared",
             "probe-error",
             "list-error",
+            "rewrite-save",
+            "rewrite-die",
+            "rewrite-load",
             "same-step-twice",
             "gave-up",
         ],
@@ -247,6 +296,9 @@ def main() -> None:
         "list-error": list_error,
         "same-step-twice": same_step_twice,
         "gave-up": same_step_after_rank0_gave_up,
+        "rewrite-save": lambda root, rank: rewrite(root, rank, "save"),
+        "rewrite-die": lambda root, rank: rewrite(root, rank, "die"),
+        "rewrite-load": lambda root, rank: rewrite(root, rank, "load"),
     }
     if args.mode in alone:
         alone[args.mode](args.root, args.rank)
