@@ -150,3 +150,24 @@ def test_a_signal_while_announcing_is_not_taken_for_a_store_failure() -> None:
             StalwartAgent._announce(agent, RESTART)  # type: ignore[arg-type]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_end_wakes_a_watch_on_a_classic_tcpstore_too() -> None:
+    # torch's non-libuv TCPStore (USE_LIBUV=0) does not wake a waiting client on compare_set
+    server = TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, use_libuv=False, timeout=timedelta(seconds=10)
+    )
+    me, leaving = JobStore("job"), JobStore("job")
+    for js in (me, leaving):
+        js._base = TCPStore(
+            "127.0.0.1", server.port, is_master=False, use_libuv=False, timeout=timedelta(seconds=10)
+        )
+    peers, woken = _watch(me)
+    try:
+        peers.follow(1, me.wake_key(1, 0))
+        _until(lambda: peers._waiting == me.wake_key(1, 0), "the thread to wait on its key")
+        leaving.announce(1, 2, b"end")
+        _until(lambda: peers._waiting is None, "the end to reach the waiting thread")
+        assert not woken.is_set() and not peers.announced(1)
+    finally:
+        peers.close(lambda key: me.base.set(key, b"end"))

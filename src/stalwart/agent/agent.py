@@ -8,6 +8,7 @@ monitors, peers), ``policy.decide``, execute, record (timeline, metrics).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -607,9 +608,9 @@ class StalwartAgent(SimpleElasticAgent):
                 # This node asks to be replaced: the others wait in the rendezvous for the
                 # replacement instead of ending the job (closing it would fail them all).
                 shutdown_rdzv = False
-                self._announce(RESTART)  # the others go to the rendezvous now, not at a timeout
-            else:  # success, failure, a signal, an error of the agent's own
-                self._announce(b"end")
+            with contextlib.suppress(SignalReceived):  # a second signal: the way out goes on
+                # a hand-over: the others go to the rendezvous now, not at a timeout
+                self._announce(RESTART if self._exit_code in policy.HAND_OVER_CODES else b"end")
             if shutdown_rdzv:
                 if self._exit_code != policy.EXIT_OK:
                     self._record_end()

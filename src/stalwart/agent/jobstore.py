@@ -168,12 +168,13 @@ class JobStore:
         """Write ``value`` under the wake key of each of the ``nodes`` nodes of ``generation``;
         a value other than ``RESTART`` only where nothing was written yet (a node that leaves
         must not hide another node's restart from a third)."""
+        keep_restarts = value != RESTART and _compare_set_wakes(self.base)
         for rank in range(nodes):
             key = self.wake_key(generation, rank)
-            if value == RESTART:
-                self.base.set(key, value)
-            else:
+            if keep_restarts:
                 self.base.compare_set(key, "", value)
+            else:  # (a classic TCPStore's compare_set would leave a waiting thread asleep)
+                self.base.set(key, value)
 
     def restart_announced(self, generation: int, group_rank: int) -> bool:
         """Whether some node announced a restart out of ``generation`` under node
@@ -236,3 +237,11 @@ class JobStore:
     def close_worker_store(self) -> None:
         # Dropping the last reference stops the TCPStore server.
         self._worker_store = None
+
+
+def _compare_set_wakes(store: Store) -> bool:
+    """Whether ``compare_set`` on ``store`` wakes the clients waiting on its key: torch's classic
+    (non-libuv) TCPStore does not; its libuv one (the default) and the in-process stores do."""
+    while isinstance(store, PrefixStore):
+        store = store.underlying_store
+    return bool(getattr(store, "libuvBackend", True)) if isinstance(store, TCPStore) else True

@@ -20,8 +20,6 @@ from datetime import timedelta
 
 from torch.distributed import Store
 
-from stalwart.errors import SignalReceived
-
 __all__ = ["RESTART", "PeerRestarts"]
 
 logger = logging.getLogger(__name__)
@@ -78,9 +76,7 @@ class PeerRestarts:
         if waiting is not None:
             try:
                 release(waiting)
-            except SignalReceived:
-                raise
-            except Exception as exc:  # the store is gone: so is the thread's wait
+            except Exception as exc:  # the store is gone (or a second signal: shutdown goes on)
                 logger.debug("could not release the restart watch: %s", exc)
         if thread is not None:
             thread.join(timeout=_JOIN_S)
