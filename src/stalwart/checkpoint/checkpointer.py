@@ -78,6 +78,7 @@ __all__ = ["CheckpointConfig", "Checkpointer", "env_mirrors"]
 logger = logging.getLogger(__name__)
 
 _OK, _CORRUPT, _FATAL = 0, 1, 2
+_ORIGIN_WAIT_S = 10.0  # how long a rank waits for rank 0 to make the location's origin id
 
 
 @dataclass(kw_only=True, slots=True)
@@ -666,17 +667,23 @@ class Checkpointer:
             pause = min(2 * pause, 0.2)
 
     def _saved_origin(self) -> str | None:
-        """The durable location's id (``ORIGIN_NAME``), made by the first save there; None where
-        it cannot be read or written (the snapshot is then never loaded)."""
+        """The durable location's id (``ORIGIN_NAME``), made by rank 0's first save there (one
+        writer: a store that ignores create-only writes still keeps one id; the other ranks wait
+        for it, briefly: rank 0 makes it as its save of the same step starts). None where it
+        cannot be read or written, or has not come (that snapshot is then never loaded)."""
         if self._origin is None:
             try:
                 self._origin = _read_origin(self.storage)
-                if self._origin is None:
+                deadline = time.monotonic() + _ORIGIN_WAIT_S
+                while self._origin is None and self.rank != 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    self._origin = _read_origin(self.storage)
+                if self._origin is None and self.rank == 0:
                     fresh = uuid.uuid4().hex
                     try:
                         self.storage.write_atomic(ORIGIN_NAME, fresh.encode(), exclusive=True)
                         self._origin = fresh
-                    except FileExistsError:  # another rank's first save made it
+                    except FileExistsError:  # made meanwhile (another Checkpointer of the job)
                         self._origin = _read_origin(self.storage)
             except Exception as exc:
                 logger.warning("cannot read or write %s in %s: %s", ORIGIN_NAME, self.storage.uri, exc)
