@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,3 +61,26 @@ def run_storage_contract(make_storage: Callable[[], Storage]) -> None:
     # an object store's filer may list an emptied prefix for a while: it holds nothing
     assert set(storage.list("")) - {"step-000000001/"} == {"step-000000002/"}
     assert not storage.exists("step-000000001/manifest.json")
+
+
+class HeldRead:
+    """Wraps a storage's read of one block, ``real(*args)`` with its file offset at
+    ``args[offset_at]``: the block at ``slow`` waits for ``release`` once under way, and the one
+    at ``failing`` starts only when the slow one is under way. ``finished``: the slow block was
+    written. A read that fails must return only once no block it started still writes."""
+
+    def __init__(self, real: Callable[..., Any], slow: int, failing: int, offset_at: int) -> None:
+        self.real, self.slow, self.failing, self.offset_at = real, slow, failing, offset_at
+        self.started, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
+
+    def __call__(self, *args: Any) -> Any:
+        offset = args[self.offset_at]
+        if offset == self.slow:
+            self.started.set()
+            self.release.wait(10)
+            result = self.real(*args)
+            self.finished.set()
+            return result
+        if offset == self.failing:
+            self.started.wait(10)
+        return self.real(*args)

@@ -23,6 +23,7 @@ from stalwart.checkpoint.format import CHUNK_BYTES, crc_extend, crc_slices, crc_
 from stalwart.checkpoint.storage_posix import PosixStorage
 from stalwart.errors import CheckpointCorrupt, CheckpointError
 
+from .contract import HeldRead
 from .ranks import run_ranks
 from .servers import CREDENTIALS, S3Server
 from .workers.readers_worker import TENSOR_BYTES
@@ -634,28 +635,15 @@ def test_a_failed_plain_read_returns_only_once_no_read_still_writes(
 
     (tmp_path / "f.bin").write_bytes(bytes(3 << 20))
     monkeypatch.setattr(storage_posix, "_BLOCK", 1 << 20)
-    started, release, finished = threading.Event(), threading.Event(), threading.Event()
-    real = storage_posix._pread_all
-
-    def held(fd: int, view: memoryview, offset: int, name: str) -> None:
-        if offset == 1 << 20:  # a slow block, still under way when another one fails
-            started.set()
-            release.wait(10)
-            real(fd, view, offset, name)
-            finished.set()
-            return
-        if offset == 8 << 20:  # the failing read fails once the slow one is under way
-            started.wait(10)
-        real(fd, view, offset, name)
-
+    held = HeldRead(storage_posix._pread_all, slow=1 << 20, failing=8 << 20, offset_at=2)
     monkeypatch.setattr(storage_posix, "_pread_all", held)
     storage = PosixStorage(str(tmp_path), threads=4)
-    threading.Timer(1.0, release.set).start()  # with the bug, read_into raises before this
+    threading.Timer(1.0, held.release.set).start()  # with the bug, read_into raises before this
     with pytest.raises(CheckpointCorrupt, match="truncated"):
         storage.read_into(
             "f.bin", [(8 << 20, memoryview(bytearray(10))), (0, memoryview(bytearray(3 << 20)))]
         )
-    assert finished.is_set(), "read_into raised while a read was still writing into the buffer"
+    assert held.finished.is_set(), "read_into raised while a read was still writing into the buffer"
     storage.close()
 
 

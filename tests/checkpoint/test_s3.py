@@ -15,6 +15,7 @@ from stalwart.checkpoint import CheckpointConfig, Checkpointer, committed_steps,
 from stalwart.checkpoint.storage_s3 import S3Storage
 from stalwart.errors import CheckpointError
 
+from .contract import HeldRead
 from .flaky_proxy import flaky_proxy
 from .servers import CREDENTIALS, OUTSIDER, S3Server
 
@@ -138,27 +139,14 @@ def test_a_failed_ranged_read_returns_only_once_no_read_still_writes(
     bucket = moto.make_bucket(f"ri-{uuid.uuid4().hex[:8]}")
     storage = S3Storage(f"s3://{bucket}/p", endpoint_url=moto.endpoint, part_size=5 << 20, **CREDENTIALS)
     storage.write("f.bin", [memoryview(bytes(15 << 20))])
-    started, release, finished = threading.Event(), threading.Event(), threading.Event()
-    real = storage._get_range
-
-    def held(key: str, what: str, offset: int, view: memoryview) -> None:
-        if offset == 5 << 20:  # a slow range: still under way when another one fails
-            started.set()
-            release.wait(10)
-            real(key, what, offset, view)
-            finished.set()
-            return
-        if offset == 20 << 20:  # the failing range fails once the slow one is under way
-            started.wait(10)
-        real(key, what, offset, view)
-
+    held = HeldRead(storage._get_range, slow=5 << 20, failing=20 << 20, offset_at=2)
     monkeypatch.setattr(storage, "_get_range", held)
     buf = bytearray(15 << 20)
     past_the_end = bytearray(1 << 20)
-    threading.Timer(1.0, release.set).start()  # with the bug, read_into raises before this
+    threading.Timer(1.0, held.release.set).start()  # with the bug, read_into raises before this
     with pytest.raises(CheckpointError, match="truncated"):
         storage.read_into("f.bin", [(20 << 20, memoryview(past_the_end)), (0, memoryview(buf))])
-    assert finished.is_set(), "read_into raised while a ranged GET was still writing into the buffer"
+    assert held.finished.is_set(), "read_into raised while a ranged GET was still writing into the buffer"
     storage.close()
 
 

@@ -12,10 +12,12 @@ This module does no I/O.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
@@ -35,6 +37,7 @@ __all__ = [
     "PartRecord",
     "Storage",
     "TensorEntry",
+    "cancel_and_wait",
     "parse_step_dir",
     "part_name",
     "shard_name",
@@ -346,3 +349,15 @@ class Storage(Protocol):
     def delete(self, prefix: str) -> None:
         """Remove ``prefix`` and everything under it; a missing prefix is not an error."""
         ...
+
+
+def cancel_and_wait(jobs: Iterable[Future[Any]]) -> None:
+    """Cancel the jobs not started yet and wait for the others, ignoring their errors: after a
+    failure, none still writes into a buffer or uses a descriptor its caller is about to reuse,
+    close or delete."""
+    jobs = list(jobs)
+    for job in jobs:
+        job.cancel()
+    for job in jobs:
+        with contextlib.suppress(BaseException):
+            job.result()

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stalwart.checkpoint.api import CheckedRead
+from stalwart.checkpoint.api import CheckedRead, cancel_and_wait
 from stalwart.checkpoint.format import SliceCrcs
 from stalwart.errors import CheckpointCorrupt, CheckpointError
 
@@ -142,11 +142,7 @@ class PosixStorage:
             if self.fsync:
                 os.fsync(fd)  # the inode's data and metadata, whichever descriptor wrote them
         except BaseException as exc:
-            for job in jobs:
-                job.cancel()
-            for job in jobs:  # no write may still run once the file is gone
-                with contextlib.suppress(BaseException):
-                    job.result()
+            cancel_and_wait(jobs)  # no write may still run once the file is gone
             _close_quietly(dfd)
             os.close(fd)
             _unlink_quietly(target)  # give the space back at once on ENOSPC
@@ -221,11 +217,7 @@ class PosixStorage:
         except BaseException:
             # no read may still write into the caller's buffers (a load falls back to an older
             # checkpoint into the same tensors) or use the descriptor once it is closed
-            for job in jobs:
-                job.cancel()
-            for job in jobs:
-                with contextlib.suppress(BaseException):
-                    job.result()
+            cancel_and_wait(jobs)
             raise
         finally:
             os.close(fd)

@@ -9,7 +9,6 @@ overwrite an existing manifest, the object-store equivalent of an atomic create.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +19,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
+from stalwart.checkpoint.api import cancel_and_wait
 from stalwart.errors import CheckpointCorrupt, CheckpointError, ConfigError
 
 __all__ = ["S3Storage"]
@@ -183,11 +183,7 @@ class S3Storage:
             while running:
                 results.append(running.popleft().result())
         except BaseException:
-            for job in running:
-                job.cancel()
-            for job in running:
-                with contextlib.suppress(BaseException):
-                    job.result()
+            cancel_and_wait(running)
             raise
         return results
 
