@@ -169,5 +169,8 @@ def test_end_wakes_a_watch_on_a_classic_tcpstore_too() -> None:
         leaving.announce(1, 2, b"end")
         _until(lambda: peers._waiting is None, "the end to reach the waiting thread")
         assert not woken.is_set() and not peers.announced(1)
+        me.announce(2, 2, RESTART)
+        leaving.announce(2, 2, b"end")  # it left after the restart was said: that stays
+        assert me.restart_announced(2, 1)
     finally:
         peers.close(lambda key: me.base.set(key, b"end"))

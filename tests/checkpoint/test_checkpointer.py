@@ -178,28 +178,40 @@ def test_a_memory_snapshot_is_not_loaded_once_its_checkpoint_location_was_emptie
     again.close(drop_memory=True)
 
 
-def test_a_new_run_that_did_not_load_replaces_the_steps_an_earlier_run_committed(
+def test_a_new_run_that_did_not_load_does_not_overwrite_the_steps_an_earlier_run_committed(
     tmp_path: Path, config: CheckpointConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # it used to report them saved while they held the earlier run's state
     cfg = _cfg(config, memory_tier=False)
     old = Checkpointer(str(tmp_path / "ck"), cfg)
     for step in (10, 20):
         old.save(step, _state(1), blocking=True)
     old.close()
     new = Checkpointer(str(tmp_path / "ck"), cfg)  # trains from scratch: never loads
-    caplog.set_level(logging.INFO, logger="stalwart.checkpoint")
-    for step in (10, 20):
-        assert new.save(step, _state(2), blocking=True).result() is not None
-    assert "step 20 in" in caplog.text and "is replaced by this run's" in caplog.text
-    new.save(20, _state(3), blocking=True)  # the same step again in one run: skipped
-    assert "step 20 is already committed in" in caplog.text
+    assert new.save(10, _state(2), blocking=True).result() is None
+    assert "checkpoint step 10 is already committed in" in caplog.text
+    assert "Resume with load_latest, save this run to another URI" in caplog.text
+    assert new.last_error is not None
+    assert new.save(30, _state(2), blocking=True).result() is not None  # a new step: saved
     target = _zeros_like(_state(0))
-    assert new.load_latest(target) == 20
-    _assert_same(target, _state(2))
-    new.save(20, _state(3), blocking=True)  # the step it loaded: skipped too
-    assert new.load_latest(target) == 20
+    assert new.load_latest(target) == 30
     _assert_same(target, _state(2))
     new.close()
+    target = _zeros_like(_state(0))
+    again = Checkpointer(str(tmp_path / "ck"), cfg)
+    assert again.load_latest(target) == 30
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="stalwart.checkpoint")
+    again.save(30, _state(3), blocking=True)  # the step it loaded: skipped, not refused
+    assert "step 30 is already committed in" in caplog.text and "not rewriting it" in caplog.text
+    again.close()
+    assert committed_steps(open_storage(str(tmp_path / "ck"))) == ([20, 30], [])  # keep_last=2
+    source = Source.from_manifest(
+        "durable",
+        open_storage(str(tmp_path / "ck")),
+        Manifest.from_json((tmp_path / "ck" / step_dir(20) / MANIFEST_NAME).read_bytes()),
+    )
+    assert verify_source(source) == []  # the earlier run's step 20, whole
 
 
 def test_memory_tier_is_preferred_and_the_durable_tier_holds_the_same_step(

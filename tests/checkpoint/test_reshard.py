@@ -138,7 +138,11 @@ def test_a_rank_that_cannot_list_the_checkpoints_fails_the_load_on_every_rank_wi
     _run_two_ranks("list-error", tmp_path / "ck", tmp_path)  # a hang would time out after 120 s
 
 
-def test_a_new_run_whose_rank_0_dies_before_replacing_a_committed_step_leaves_it_whole(
+def test_rank_0_makes_the_origin_id_even_where_its_own_memory_tier_is_off(tmp_path: Path) -> None:
+    _run_two_ranks("origin", tmp_path / "ck", tmp_path)
+
+
+def test_a_new_run_whose_rank_0_dies_while_saving_a_committed_step_leaves_it_whole(
     tmp_path: Path,
 ) -> None:
     root = tmp_path / "ck"
@@ -147,7 +151,7 @@ def test_a_new_run_whose_rank_0_dies_before_replacing_a_committed_step_leaves_it
     argv = [sys.executable, str(WORKER), "--mode", "rewrite-die", "--root", str(root), "--store", str(store)]
     (code0, out0), (code1, out1) = run_ranks([[*argv, "--rank", str(rank)] for rank in range(2)], timeout=120)
     assert code0 == 9 and code1 == 0, f"rank 0 ({code0}):\n{out0[-2000:]}\nrank 1 ({code1}):\n{out1[-2000:]}"
-    assert "rank 0 did not replace checkpoint step 10" in out1, out1[-2000:]
+    assert "checkpoint step 10 is already committed in" in out1, out1[-2000:]
     _run_two_ranks("rewrite-load", root, tmp_path)  # step 10 of the first run, verified
 
     # FSDP2 on a TP mesh gives 2-D parameters (_StridedShard(0), Shard(0)); _StridedShard's

@@ -168,12 +168,14 @@ class JobStore:
         """Write ``value`` under the wake key of each of the ``nodes`` nodes of ``generation``;
         a value other than ``RESTART`` only where nothing was written yet (a node that leaves
         must not hide another node's restart from a third)."""
-        keep_restarts = value != RESTART and _compare_set_wakes(self.base)
+        atomic = _compare_set_wakes(self.base)
         for rank in range(nodes):
             key = self.wake_key(generation, rank)
-            if keep_restarts:
+            if value == RESTART:
+                self.base.set(key, value)
+            elif atomic:
                 self.base.compare_set(key, "", value)
-            else:  # (a classic TCPStore's compare_set would leave a waiting thread asleep)
+            elif not self.base.check([key]):  # a classic TCPStore's compare_set wakes no waiter
                 self.base.set(key, value)
 
     def restart_announced(self, generation: int, group_rank: int) -> bool:

@@ -168,9 +168,10 @@ class _SaveJob:
     progress: Progress
     future: Future[CheckpointRef | None]  # resolved at the commit on the checkpoint URI
     started: float  # time.perf_counter() when save() was called
-    # write the step even where it is committed: this process neither saved nor loaded it (an
-    # earlier run's, or one skipped on load as damaged); a known step's second save is skipped
-    rewrite: bool = False
+    rewrite: bool = False  # the step is committed but was skipped on load (damaged): write it again
+    # this process saved or loaded the step before: a committed copy of it is this run's (else
+    # an earlier run's, which is not overwritten)
+    known: bool = True
     skipped: frozenset[int] = frozenset()  # the Checkpointer's skipped steps when save() was called
 
     @property
@@ -257,6 +258,7 @@ class Checkpointer:
         self._known: set[int] = set()  # steps this process saved or loaded (alike on every rank)
         self._seq = 0
         self._origin: str | None = None  # the durable location's ORIGIN_NAME id, once known
+        self._origin_waited = False  # a rank other than 0 waits for rank 0's id once
         self._last_save_bytes = 0
         self._closed = False
         self.last_error: BaseException | None = None
@@ -386,6 +388,11 @@ class Checkpointer:
         slot = self._seq % self._slots
         self._seq += 1
         attempt = f"{self._token}-{self._seq}"
+        # on every rank alike, whatever becomes of this save; and once: a later save of a
+        # rewritten step skips as usual
+        rewrite, known = step in self._skipped, step in self._known
+        self._skipped = self._skipped - {step}
+        self._known.add(step)
         try:
             buf = self._buffer(slot, layout.file_bytes)
         except (RuntimeError, OSError, CheckpointError) as exc:  # out of memory, a full /dev/shm...
@@ -399,12 +406,8 @@ class Checkpointer:
         # time here).
         progress = Progress(fused=blocking)
         future: Future[CheckpointRef | None] = Future()
-        # on every rank alike, and once: a later save of this step skips as usual
-        rewrite = step in self._skipped or step not in self._known
-        self._skipped = self._skipped - {step}
-        self._known.add(step)
         save = _SaveJob(
-            step, attempt, slot, layout, buf, values, progress, future, started, rewrite, self._skipped
+            step, attempt, slot, layout, buf, values, progress, future, started, rewrite, known, self._skipped
         )
         self._pending.append(self._executor.submit(self._persist, save))
         try:
@@ -509,6 +512,8 @@ class Checkpointer:
         self._metrics.save_failures.inc()
         event("checkpoint_failed", step=step, uri=self.storage.uri, error=str(exc)[:300])
         self.last_error = exc
+        if isinstance(exc, _Refused):  # every rank refuses on its own: nothing to tell rank 0
+            return None
         if self.rank != 0:
             self._report_failure(step, attempt, exc)
         else:  # a rank waiting to save this step again needs no longer wait for this attempt
@@ -541,13 +546,11 @@ class Checkpointer:
             step, f"{self.storage.uri.rstrip('/')}/{directory}", "durable", committed=self.rank == 0
         )
         written: Future[None] | None = None
-        if job.rewrite and self.rank == 0 and self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
-            # uncommit the other copy first (damaged, or an earlier run's); the others write
-            # their parts again regardless
-            logger.info("checkpoint step %d in %s is replaced by this run's", step, self.storage.uri)
+        if self.config.memory_tier:
+            self._saved_origin()  # rank 0 makes it first thing: the others' snapshots record it
+        if job.rewrite and self.rank == 0:
+            # uncommit the damaged copy first; the others write their parts again regardless
             self.storage.delete(f"{directory}/{MANIFEST_NAME}")
-        elif job.rewrite:
-            self._wait_uncommitted(self.storage, step, attempt)
         earlier = self._published.get(step) if self.rank != 0 and not job.rewrite else None
         if earlier is not None:
             # the same step again (a final save after the loop's last periodic one): rank 0 may
@@ -560,7 +563,14 @@ class Checkpointer:
                 self.config.commit_timeout_s,
                 also=f"{directory}/{_gave_up(earlier)}",
             )
-        if job.rewrite or not self.storage.exists(f"{directory}/{MANIFEST_NAME}"):
+        committed = not job.rewrite and self.storage.exists(f"{directory}/{MANIFEST_NAME}")
+        if committed and not job.known:
+            raise _Refused(
+                f"checkpoint step {step} is already committed in {self.storage.uri} by a run this "
+                "one did not load it from; it is not overwritten. Resume with load_latest, save "
+                "this run to another URI, or remove the old steps there"
+            )
+        if not committed:
             if not progress.fused:
                 # an async save writes after its snapshot: a write streaming out alongside the
                 # copy slows the copy the training loop waits for (1 GiB here, medians of 9:
@@ -618,12 +628,9 @@ class Checkpointer:
         step, attempt = job.step, job.attempt
         directory = step_dir(step)
         try:
-            committed = mirror.exists(f"{directory}/{MANIFEST_NAME}")
-            if job.rewrite and self.rank == 0 and committed:
+            if job.rewrite and self.rank == 0:
                 mirror.delete(f"{directory}/{MANIFEST_NAME}")
-            elif job.rewrite and committed:
-                self._wait_uncommitted(mirror, step, attempt)
-            elif committed:
+            elif not job.rewrite and mirror.exists(f"{directory}/{MANIFEST_NAME}"):
                 return
             if part.file_name is not None:
                 mirror.write(f"{directory}/{part.file_name}", job.durable_shard())
@@ -642,39 +649,17 @@ class Checkpointer:
             event("checkpoint_mirror_failed", step=step, uri=mirror.uri, error=str(exc)[:300])
             if self.rank != 0:
                 self._report_failure(step, attempt, exc, mirror)
-            else:  # a rank waiting for this attempt there (see _wait_uncommitted) stops waiting
-                with contextlib.suppress(Exception):
-                    mirror.write_atomic(f"{directory}/{_gave_up(attempt)}", str(exc)[:500].encode())
-
-    def _wait_uncommitted(self, storage: Storage, step: int, attempt: str) -> None:
-        """A rank other than 0 replacing a committed ``step`` in ``storage``: wait until rank 0
-        has uncommitted it (its manifest is gone), so that no shard of a committed checkpoint is
-        overwritten. Raises ``CheckpointError`` where rank 0 gave the attempt up, or has not
-        uncommitted it within ``commit_timeout_s``: the committed step stays as it is."""
-        directory = step_dir(step)
-        gave_up = f"{directory}/{_gave_up(attempt)}"
-        deadline = time.monotonic() + self.config.commit_timeout_s
-        pause = 0.01
-        while storage.exists(f"{directory}/{MANIFEST_NAME}"):
-            if storage.exists(gave_up) or self.storage.exists(gave_up) or self._stop.is_set():
-                raise CheckpointError(f"rank 0 gave up replacing checkpoint step {step} in {storage.uri}")
-            if time.monotonic() > deadline:
-                raise CheckpointError(
-                    f"rank 0 did not replace checkpoint step {step} in {storage.uri} within "
-                    f"commit_timeout_s={self.config.commit_timeout_s}; the committed one is kept"
-                )
-            time.sleep(pause)
-            pause = min(2 * pause, 0.2)
 
     def _saved_origin(self) -> str | None:
-        """The durable location's id (``ORIGIN_NAME``), made by rank 0's first save there (one
-        writer: a store that ignores create-only writes still keeps one id; the other ranks wait
-        for it, briefly: rank 0 makes it as its save of the same step starts). None where it
-        cannot be read or written, or has not come (that snapshot is then never loaded)."""
+        """The durable location's id (``ORIGIN_NAME``), made by rank 0 as its first save there
+        starts (one writer: a store that ignores create-only writes still keeps one id). The
+        other ranks wait for it once, briefly. None where it cannot be read or written, or has
+        not come (a snapshot without it is never loaded)."""
         if self._origin is None:
             try:
                 self._origin = _read_origin(self.storage)
-                deadline = time.monotonic() + _ORIGIN_WAIT_S
+                deadline = time.monotonic() + (0.0 if self._origin_waited else _ORIGIN_WAIT_S)
+                self._origin_waited = True
                 while self._origin is None and self.rank != 0 and time.monotonic() < deadline:
                     time.sleep(0.05)
                     self._origin = _read_origin(self.storage)
@@ -1025,6 +1010,10 @@ class Checkpointer:
         elif previous != signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Refused(CheckpointError):
+    """A save that each rank declines on its own (see ``_persist_or_raise``)."""
 
 
 def _has_rank_state(source: Source) -> bool:

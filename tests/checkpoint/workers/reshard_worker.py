@@ -122,9 +122,9 @@ def unshared(root: str, rank: int) -> None:
     _exit()
 
 
-class DiesBeforeUncommitting(PosixStorage):
-    """Rank 0's storage in a new run: rank 0 dies as it looks at step 10's manifest, before it
-    can uncommit the earlier run's step 10 (a crash, a lost node)."""
+class DiesAtTheManifest(PosixStorage):
+    """Rank 0's storage in a new run: rank 0 dies as it looks at step 10's manifest (a crash,
+    a lost node)."""
 
     def exists(self, path: str) -> bool:
         if path.endswith("manifest.json"):
@@ -141,17 +141,15 @@ def rewrite_state(rank: int, run: int) -> dict:
 
 def rewrite(root: str, rank: int, phase: str) -> None:
     """An earlier run commits step 10 (phase "save"); a new run that never loads saves step 10,
-    and its rank 0 dies before uncommitting the old one ("die"): rank 1 must not overwrite its
-    shard of the committed step, which still loads whole ("load")."""
+    and its rank 0 dies ("die"): rank 1 must not overwrite its shard of the committed step,
+    which still loads whole ("load")."""
     config = CheckpointConfig(memory_tier=False, flush_on_sigterm=False, commit_timeout_s=3)
     if phase == "save":
         ck = Checkpointer(root, config)
         assert ck.save(10, rewrite_state(rank, 1), blocking=True).result() is not None
     elif phase == "die":
-        ck = Checkpointer(
-            root, config, storage=DiesBeforeUncommitting(root) if rank == 0 else PosixStorage(root)
-        )
-        assert ck.save(10, rewrite_state(rank, 2)).result() is None  # rank 1: gave up, waiting
+        ck = Checkpointer(root, config, storage=DiesAtTheManifest(root) if rank == 0 else PosixStorage(root))
+        assert ck.save(10, rewrite_state(rank, 2)).result() is None  # rank 1: declined
         _exit()  # no collective: rank 0 is gone
     else:
         ck = Checkpointer(root, config)
@@ -163,6 +161,30 @@ def rewrite(root: str, rank: int, phase: str) -> None:
                 want if isinstance(want, torch.Tensor) else want["r"],
             )
     ck.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit()
+
+
+def origin_without_rank0_memory(root: str, rank: int) -> None:
+    """Rank 0's node cannot use its memory tier (its shm_root is not a directory), rank 1's can:
+    rank 0 still makes the location's origin id, so rank 1's snapshots record it (and rank 1
+    does not wait for it at every save)."""
+    shm = os.path.join(os.path.dirname(root), f"shm-{rank}")
+    if rank == 0:
+        with open(shm, "w"):  # a file: the memory tier is off on this rank
+            pass
+    config = CheckpointConfig(shm_root=shm, job="origin", flush_on_sigterm=False)
+    ck = Checkpointer(root, config)
+    assert (ck.memory is None) == (rank == 0)
+    for step in (1, 2):
+        assert ck.save(step, {"w": torch.ones(64)}, blocking=True).result() is not None
+    with open(os.path.join(root, "stalwart-origin")) as f:
+        origin = f.read().strip()
+    if ck.memory is not None:
+        latest = ck.memory.latest()
+        assert latest is not None and latest[1].origin == origin, latest
+    ck.close(drop_memory=True)
     dist.barrier()
     dist.destroy_process_group()
     _exit()
@@ -254,6 +276,7 @@ def main() -> None:
             "unshared",
             "probe-error",
             "list-error",
+            "origin",
             "rewrite-save",
             "rewrite-die",
             "rewrite-load",
@@ -296,6 +319,7 @@ def main() -> None:
         "list-error": list_error,
         "same-step-twice": same_step_twice,
         "gave-up": same_step_after_rank0_gave_up,
+        "origin": origin_without_rank0_memory,
         "rewrite-save": lambda root, rank: rewrite(root, rank, "save"),
         "rewrite-die": lambda root, rank: rewrite(root, rank, "die"),
         "rewrite-load": lambda root, rank: rewrite(root, rank, "load"),
