@@ -103,7 +103,6 @@ class StalwartAgent(SimpleElasticAgent):
         self._incident_start: float | None = None
         self._incidents: list[dict[str, Any]] = []
         self._startup_retries = 1
-        self._following = False  # the last decision follows a restart another node announced
         self._last_startup_sig: str | None = None
         self._exit_code = policy.EXIT_OK
         self._exit_reason = "workers succeeded"
@@ -271,12 +270,9 @@ class StalwartAgent(SimpleElasticAgent):
                 self._fail(fault, d, result)
                 return result
             if decision is not None and decision[1].verdict is Verdict.RESTART:
-                self._restart(*decision, announce=not self._following)
+                self._restart(*decision)
             elif self._peers.announced(self._generation):
-                # every node heard it: saying it again would cost the store N writes per node
-                self._restart(
-                    None, Decision(Verdict.RESTART, "another node announced a restart"), announce=False
-                )
+                self._restart(None, Decision(Verdict.RESTART, "another node announced a restart"))
             elif wg.spec.rdzv_handler.num_nodes_waiting() > 0:
                 self._restart(None, Decision(Verdict.RESTART, "another node is re-rendezvousing"))
             elif (ended := self._ended_by_another_node(wg)) is not None:
@@ -294,18 +290,14 @@ class StalwartAgent(SimpleElasticAgent):
             self.cfg.max_restarts, self._jobstore.restarts_used(), startup_retries=self._startup_retries
         )
         followed: bool | None = None  # another node announced a restart out of this generation
-        self._following = False
         for fault in faults:
             d = policy.decide(self._state, fault, budget, now, self.cfg.ladder)
             if (d.spends_budget or d.exit_code == policy.EXIT_BUDGET_SPENT) and followed is None:
-                followed = self._peers.announced(self._generation) or self._jobstore.restart_announced(
-                    self._generation, self._worker_group.group_rank
-                )
+                followed = self._restart_announced()
             if (d.spends_budget or d.exit_code == policy.EXIT_BUDGET_SPENT) and followed:
                 # another node restarts or hands itself over, and this node's workers failed with
                 # it: follow, as on its announcement alone (its restart counted itself, if it does)
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: following another node's restart")
-                self._following = True
             elif d.exit_code == policy.EXIT_BUDGET_SPENT and self._jobstore.restart_claimed(self._generation):
                 # Another node already spent the budget on this very incident: follow its restart.
                 d = Decision(Verdict.RESTART, f"{fault.kind.value}: joining another node's restart")
@@ -374,9 +366,24 @@ class StalwartAgent(SimpleElasticAgent):
             )
         return out
 
-    def _restart(self, fault: Fault | None, decision: Decision, *, announce: bool = True) -> None:
-        """Stop this node's workers and start the next generation's; ``announce``: tell the
-        other nodes first (not when this restart follows another node's announcement)."""
+    def _restart_announced(self) -> bool:
+        """Whether another node announced a restart out of this generation: heard, or under this
+        node's wake key now (the watching thread may not have woken yet)."""
+        gen = self._generation
+        if self._peers.announced(gen):
+            return True
+        try:
+            return self._jobstore.restart_announced(gen, self._worker_group.group_rank)
+        except SignalReceived:
+            raise
+        except Exception as exc:  # the store is gone: nothing heard (the caller goes on as alone)
+            logger.debug("could not read this node's wake key: %s", exc)
+            return False
+
+    def _restart(self, fault: Fault | None, decision: Decision) -> None:
+        """Stop this node's workers and start the next generation's, telling the other nodes
+        first unless another node already did (every node heard that: saying it again would
+        cost the store N writes per node)."""
         wg = self._worker_group
         self._set_state(AgentState.RESTARTING)
         reason = fault.kind.value if fault is not None else "peer"
@@ -391,7 +398,7 @@ class StalwartAgent(SimpleElasticAgent):
             used = self._jobstore.restarts_used()
         # after the claim (the others read the budget it spent), before stopping the workers (the
         # other nodes stop theirs meanwhile)
-        if announce:
+        if not self._restart_announced():
             self._announce(RESTART)
         if decision.rung is policy.Rung.STARTUP_RETRY and fault is not None:
             self._startup_retries -= 1
